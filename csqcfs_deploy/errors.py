@@ -1,0 +1,55 @@
+"""Exception types of the tool and the CLI exit code each one maps to.
+
+Every error a user can cause by their input is one of these; the CLI prints
+``error: <message>`` on one line and exits with :attr:`CsqcfsError.exit_code`.
+"""
+
+from __future__ import annotations
+
+
+class CsqcfsError(Exception):
+    """Base class of every error the tool reports to a user."""
+
+    exit_code: int = 1
+
+
+class InputFileError(CsqcfsError):
+    """A file is missing, unreadable, truncated or of the wrong kind."""
+
+    exit_code = 2
+
+
+class GraphError(CsqcfsError):
+    """A network or graph the tool cannot capture, fold or run."""
+
+    exit_code = 3
+
+
+class QuantizationError(CsqcfsError):
+    """A value does not fit the chosen hardware profile."""
+
+    exit_code = 4
+
+
+class BackendUnavailable(CsqcfsError):
+    """A back end (Lava, Norse, CUDA) is not installed or cannot start."""
+
+    exit_code = 5
+
+
+class VerificationFailed(CsqcfsError):
+    """Two back ends disagree on a spike."""
+
+    exit_code = 6
+
+
+class DatasetError(CsqcfsError):
+    """A dataset is missing or malformed."""
+
+    exit_code = 7
+
+
+class UsageError(CsqcfsError):
+    """Command-line arguments that contradict each other or are out of range."""
+
+    exit_code = 8
