@@ -1,0 +1,1 @@
+"""Exporters and back ends: IF graph -> NIR, NIR -> Lava, NIR -> Norse, netx."""

@@ -1,5 +1,5 @@
 """One module per CLI command; each has ``register(subparsers)``."""
 
-from . import convert, train
+from . import convert, run, train
 
-COMMANDS = (train, convert)
+COMMANDS = (train, convert, run)

@@ -1,0 +1,78 @@
+"""Shared fixtures: one trained digits-cnn per test session, its folded and quantized graphs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from csqcfs_deploy.checkpoint import ModelConfig, load_checkpoint, save_checkpoint
+from csqcfs_deploy.datasets import Dataset, load_digits_dataset
+from csqcfs_deploy.folding import FoldResult, fold
+from csqcfs_deploy.graph import IFGraph
+from csqcfs_deploy.quantize import quantize
+from csqcfs_deploy.training import TrainOptions, train
+
+PROFILE_NAMES = ("loihi2", "int8", "int16")
+
+
+@pytest.fixture(scope="session")
+def digits() -> Dataset:
+    return load_digits_dataset()
+
+
+@pytest.fixture(scope="session")
+def digits_checkpoint(tmp_path_factory: pytest.TempPathFactory, digits: Dataset) -> Path:
+    """digits-cnn trained at L = 1 with the default options (seed 0)."""
+    result = train(digits, TrainOptions(progress=False))
+    path = tmp_path_factory.mktemp("ckpt") / "digits.pt"
+    save_checkpoint(path, result.model, result.config)
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_model(digits_checkpoint: Path) -> tuple[nn.Module, ModelConfig]:
+    return load_checkpoint(digits_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def digits_fold(digits_model: tuple[nn.Module, ModelConfig]) -> FoldResult:
+    model, cfg = digits_model
+    return fold(model, cfg.input_shape, cfg.encoding, arch=cfg.arch,
+                num_classes=cfg.num_classes)
+
+
+@pytest.fixture(scope="session")
+def digits_graphs(digits_fold: FoldResult) -> dict[str, IFGraph]:
+    """The trained digits-cnn quantized to every profile."""
+    return {name: quantize(digits_fold.graph, name)[0] for name in PROFILE_NAMES}
+
+
+def randomize_batchnorm(model: nn.Module, seed: int) -> nn.Module:
+    """Give every BatchNorm non-trivial random statistics and affine parameters."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
+            m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.25)
+            m.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(c, generator=gen) * 0.3)
+    return model.eval()
+
+
+@pytest.fixture
+def random_bn() -> Callable[[nn.Module, int], nn.Module]:
+    return randomize_batchnorm
+
+
+def random_integer_input(graph: IFGraph, n: int, seed: int) -> torch.Tensor:
+    """Random integer inputs within the graph's encoding range."""
+    lo, hi = graph.input.encoding.int_range
+    hi = min(hi, graph.input.encoding.max_abs_int)
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.integers(lo, hi + 1, size=(n, *graph.input.shape)))
