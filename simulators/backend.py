@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -11,16 +11,22 @@ from csqcfs_deploy.errors import UsageError
 from csqcfs_deploy.graph import IFGraph
 from csqcfs_deploy.schedule import RunConfig, RunResult
 
-from .integer import simulate
+from .integer import Simulator
 
 
 @dataclass
 class IntRunner:
+    """Runs batches through one :class:`Simulator` (weights prepared once)."""
+
     graph: IFGraph
     cfg: RunConfig
+    simulator: Simulator = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.simulator = Simulator(self.graph)
 
     def run(self, x_int: torch.Tensor) -> RunResult:
-        return simulate(self.graph, x_int, self.cfg)
+        return self.simulator.run(x_int, self.cfg)
 
     def close(self) -> None:
         pass
