@@ -330,11 +330,12 @@ def if_feed_forward_step(input_tensor: torch.Tensor, state: IFNeuronState,
     t = state.t + 1
     u = p.profile.current(input_tensor)
     v = saturating_add(state.v, u + p.bias, p.v_min, p.v_max)
-    z = threshold(v - p.v_th + p.offset, p.method, p.alpha)
+    z = threshold(v - p.v_th + p.offset if p.offset else v - p.v_th, p.method, p.alpha)
+    zero = v.new_zeros(())
     if p.reset == "subtract":
-        v = reset_subtract(z, v, torch.zeros_like(v), p.v_th)
+        v = reset_subtract(z, v, zero, p.v_th)
     else:
-        v = reset_value(z, v, torch.zeros_like(v), p.v_th)
+        v = reset_value(z, v, zero, p.v_th)
     out = z if state.mask is None else z * state.mask
     mask = state.mask
     if p.boundary > 0 and t == p.boundary:
@@ -410,6 +411,8 @@ class IntegerRound(nn.Module):
     """Round to the nearest integer; identity gradient (straight-through)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (x.requires_grad and torch.is_grad_enabled()):
+            return x.round()
         return x + (x.round() - x).detach()
 
 
