@@ -338,7 +338,9 @@ def capture(model: nn.Module, input_shape: tuple[int, ...]) -> AnnGraph:
     gm = fx.GraphModule(model, traced_graph)
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(torch.zeros(2, *input_shape))
+            param = next(model.parameters(), None)
+            dtype = param.dtype if param is not None else torch.float32
+            ShapeProp(gm).propagate(torch.zeros(2, *input_shape, dtype=dtype))
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         msg = str(exc).strip().splitlines()[0]
         raise GraphError(f"model does not run on inputs of shape {tuple(input_shape)}: "
