@@ -1,5 +1,5 @@
 """One module per CLI command; each has ``register(subparsers)``."""
 
-from . import convert, run, train
+from . import convert, export, run, train
 
-COMMANDS = (train, convert, run)
+COMMANDS = (train, convert, run, export)
