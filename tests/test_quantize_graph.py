@@ -117,7 +117,7 @@ def test_check_profile_rejects_out_of_range_values(digits_graphs) -> None:  # ty
 
 
 def tiny_graph_with_every_node(profile: str | None) -> IFGraph:
-    """Input -> conv(pool) -> IF(subtract); IF -> identity + conv -> IF(zero) -> dense -> readout."""
+    """input -> pool+conv -> IF(subtract) -> identity + conv -> IF(zero) -> dense -> readout."""
     rng = np.random.default_rng(0)
     integer = profile is not None
 
@@ -199,7 +199,7 @@ def test_save_is_atomic(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyp
 
 def test_graph_validation_names_the_problem() -> None:
     g = tiny_graph_with_every_node("int8")
-    with pytest.raises(GraphError, match="projection fc: weight expects 26 inputs, source gives 27"):
+    with pytest.raises(GraphError, match="fc: weight expects 26 inputs, source gives 27"):
         g.replace(projections=(*g.projections[:3], DenseProjection(
             "fc", "b", "out", np.ones((4, 26), dtype=np.int64))))
     with pytest.raises(GraphError, match="non-positive threshold"):
