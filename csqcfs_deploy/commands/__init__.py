@@ -1,5 +1,5 @@
 """One module per CLI command; each has ``register(subparsers)``."""
 
-from . import convert, export, run, train
+from . import convert, export, report, run, train, verify
 
-COMMANDS = (train, convert, run, export)
+COMMANDS = (train, convert, run, export, report, verify)
