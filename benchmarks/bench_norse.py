@@ -25,8 +25,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from csqcfs_deploy.exporters.norse import open_runner
-from csqcfs_deploy.simulators.integer import simulate
 from torch import nn
 from tqdm import tqdm
 
@@ -34,6 +32,7 @@ from csqcfs_deploy.backends import BackendOptions
 from csqcfs_deploy.commands.common import console, print_json, table
 from csqcfs_deploy.datasets import CIFAR10_ENCODING, DIGITS_ENCODING, load_digits_dataset
 from csqcfs_deploy.errors import CsqcfsError, VerificationFailed
+from csqcfs_deploy.exporters.norse import open_runner
 from csqcfs_deploy.folding import fold
 from csqcfs_deploy.graph import IFGraph
 from csqcfs_deploy.model_io import load_model
@@ -41,6 +40,7 @@ from csqcfs_deploy.profiles import PROFILES
 from csqcfs_deploy.quantize import quantize
 from csqcfs_deploy.reference import input_units
 from csqcfs_deploy.schedule import RunConfig, RunResult
+from csqcfs_deploy.simulators.integer import simulate
 from csqcfs_deploy.zoo import arch_spec, build_model
 
 

@@ -822,12 +822,24 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass
 class NorseRunner:
-    """The Norse module of one graph, run for one :class:`RunConfig`."""
+    """The Norse module of one graph, run for one :class:`RunConfig` (P + T steps)."""
 
     net: NorseIFNetwork
     cfg: RunConfig
-    steps_total: int
     seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.cfg.schedule != "synchronous":
+            raise UsageError(f"the norse back end runs the synchronous schedule, not "
+                             f"{self.cfg.schedule}")
+        if self.net.presim != self.cfg.presim:
+            raise UsageError(f"the module was built for presim {self.net.presim}, the run "
+                             f"asks for presim {self.cfg.presim}")
+
+    @property
+    def steps_total(self) -> int:
+        """P + T: the synchronous schedule's steps."""
+        return self.cfg.presim + self.cfg.timesteps
 
     @torch.no_grad()
     def run(self, x_int: torch.Tensor) -> RunResult:
@@ -872,7 +884,7 @@ def open_runner(graph: IFGraph, cfg: RunConfig, options: BackendOptions) -> Nors
     if cfg.schedule != "synchronous":
         raise UsageError(f"the norse back end runs the synchronous schedule, not {cfg.schedule}")
     device = resolve_device(options.device)
-    steps = total_steps(graph, cfg)
     # the runner needs no gradients: the plain Heaviside step is Norse's cheapest threshold
-    net = to_norse(graph, presim=cfg.presim, max_steps=steps, method="heaviside").to(device)
-    return NorseRunner(net=net, cfg=cfg, steps_total=steps)
+    net = to_norse(graph, presim=cfg.presim, max_steps=total_steps(graph, cfg),
+                   method="heaviside").to(device)
+    return NorseRunner(net=net, cfg=cfg)
