@@ -32,18 +32,19 @@ Flavours:
 * ``portable``: for readers that ignore metadata (NIR semantics: ``v`` starts
   at 0, ``v += I``, spike when ``v > v_threshold``, ``v <- v_reset = 0``). One
   threshold per layer (a graph quantized with per-layer thresholds);
-  ``v_threshold = v_th - v_init`` (``- 1`` more where the profile fires on
-  ``v >= v_th``), float32 arrays (float64 if a value is not exact in float32).
-  A reader then spikes exactly as the IF graph at ``T = 1`` without
-  pre-simulation, as long as no value wraps or saturates (loihi2's 24-bit
-  current and voltage). The metadata still holds the originals, so our reader
-  restores the IF graph exactly from a portable file too.
+  ``v_threshold = v_th - v_init + 1/2`` (``- 1/2`` where the profile fires on
+  ``v >= v_th``): a half-integer, so that readers comparing with ``>`` and with
+  ``>=`` agree on integer membranes; float32 arrays (float64 if a value is not
+  exact in float32). A reader then spikes exactly as the IF graph at ``T = 1``
+  without pre-simulation, as long as no value wraps or saturates (loihi2's
+  24-bit current and voltage). The metadata still holds the originals, so our
+  reader restores the IF graph exactly from a portable file too.
 
 Reading a NIR graph *without* our metadata (a plain NIR file, or a portable
 file whose metadata a tool dropped) follows NIR's own IF semantics: it becomes
-an ``int16`` graph (``v >= v_th`` with ``v_th = v_threshold + 1``, hard reset
-``reset="zero"``, ``v_init = 0``, real scales 1); every weight, bias and
-threshold must be integer-valued.
+an ``int16`` graph (``v >= v_th`` with ``v_th = floor(v_threshold) + 1``, hard
+reset ``reset="zero"``, ``v_init = 0``, real scales 1); weights and biases must
+be integer-valued.
 """
 
 from __future__ import annotations
@@ -151,8 +152,14 @@ def _check_portable(graph: IFGraph) -> None:
 
 
 def _portable_threshold(layer: IFLayer, profile: Profile) -> np.ndarray:
-    """Per channel: the NIR threshold that makes ``v > th`` from ``v = 0`` fire as step 1."""
-    return layer.v_th - layer.v_init - (0 if profile.strict else 1)
+    """Per channel: the NIR threshold with which ``v > th`` from ``v = 0`` fires as step 1.
+
+    Step 1 fires when ``v_init + I (>|>=) v_th`` for an integer input ``I``, that is
+    ``I > v_th - v_init`` (strict) or ``I > v_th - v_init - 1``. Half an integer
+    above that bound, the threshold gives the same spikes to a reader comparing with
+    ``>=`` (spikingjelly, sinabs) as to one comparing with ``>`` (NIR, Norse, snntorch).
+    """
+    return (layer.v_th - layer.v_init).astype(np.float64) + (0.5 if profile.strict else -0.5)
 
 
 def graph_to_nir(graph: IFGraph, flavor: str = "native") -> nir.NIRGraph:
@@ -181,7 +188,8 @@ def graph_to_nir(graph: IFGraph, flavor: str = "native") -> nir.NIRGraph:
                               else np.zeros(la.channels, dtype=np.int64))
     thresholds = {la.name: (la.v_th if flavor == "native" else _portable_threshold(la, profile))
                   for la in graph.if_layers}
-    cast = _value_cast(flavor, [*weights.values(), *biases.values(), *thresholds.values()])
+    cast = _value_cast(flavor, [*weights.values(), *biases.values()],
+                       list(thresholds.values()))
 
     nodes: dict[str, nir.NIRNode] = {}
     edges: list[tuple[str, str]] = []
@@ -281,10 +289,14 @@ class _ValueCast:
         return np.ascontiguousarray(values, dtype=self.dtype)
 
 
-def _value_cast(flavor: str, arrays: list[np.ndarray]) -> _ValueCast:
+def _value_cast(flavor: str, integers: list[np.ndarray], halves: list[np.ndarray]
+                ) -> _ValueCast:
+    """int64 (native); float32 when every integer and half-integer is exact in it, else
+    float64 (portable)."""
     if flavor == "native":
         return _ValueCast(np.dtype(np.int64))
-    biggest = max((int(np.abs(a).max(initial=0)) for a in arrays), default=0)
+    biggest = max([float(np.abs(a).max(initial=0)) for a in integers]
+                  + [2 * float(np.abs(a).max(initial=0)) for a in halves], default=0.0)
     return _ValueCast(np.dtype(np.float32 if biggest <= _FLOAT32_EXACT else np.float64))
 
 
@@ -419,6 +431,13 @@ def _int_values(node_name: str, what: str, values: Any) -> np.ndarray:
     if arr.size and np.abs(arr).max() > 2**53:
         raise GraphError(f"node {node_name}: {what} exceeds the exact integer range")
     return arr.astype(np.int64)
+
+
+def _real_values(node_name: str, what: str, values: Any) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.dtype.kind not in "iuf" or not np.all(np.isfinite(arr)):
+        raise GraphError(f"node {node_name}: {what} must be finite numbers")
+    return arr.astype(np.float64)
 
 
 def _pair(node_name: str, what: str, value: Any) -> tuple[int, int]:
@@ -759,19 +778,21 @@ def _if_layer(name: str, node: Any, sem: _Semantics, shape: tuple[int, ...],
     if np.any(np.asarray(node.r) != 1):
         raise GraphError(f"node {name}: r must be 1 (csqcfs-deploy's IF neurons add their "
                          "input unscaled)")
-    theta = _per_channel_threshold(name, node, _int_values(name, "v_threshold",
-                                                             node.v_threshold))
     v_reset = _int_values(name, "v_reset", node.v_reset)
     c = shape[0]
     if not sem.ours:
         if np.any(v_reset != 0):
             raise GraphError(f"node {name}: v_reset must be 0 (csqcfs-deploy's hard reset "
                              "sets v = 0)")
+        theta = _per_channel_threshold(name, node, _real_values(name, "v_threshold",
+                                                                  node.v_threshold))
         if np.any(theta < 0):
             raise GraphError(f"node {name}: a negative v_threshold cannot be expressed "
-                             f"(v >= v_threshold + 1 with a positive threshold)")
+                             "(csqcfs-deploy thresholds are positive)")
+        # integer v: v > theta  <=>  v >= floor(theta) + 1
+        v_th = np.floor(theta).astype(np.int64) + 1
         ones = np.ones(c, dtype=np.float64)
-        return IFLayer(name, shape, v_th=theta + 1, v_init=np.zeros(c, dtype=np.int64),
+        return IFLayer(name, shape, v_th=v_th, v_init=np.zeros(c, dtype=np.int64),
                        bias=bias, threshold_real=ones, reset="zero")
     comparison = _md_str(name, node, "comparison")
     if comparison != (">" if sem.profile.strict else ">="):
@@ -779,15 +800,17 @@ def _if_layer(name: str, node: Any, sem: _Semantics, shape: tuple[int, ...],
                              f"{sem.profile.name}")
     v_init = _md_array(name, node, "v_init", "i")
     if sem.flavor == "native":
-        v_th = theta
+        v_th = _per_channel_threshold(name, node, _int_values(name, "v_threshold",
+                                                                node.v_threshold))
     else:
+        theta = _per_channel_threshold(name, node, _real_values(name, "v_threshold",
+                                                                  node.v_threshold))
         v_th = _md_array(name, node, "v_th", "i")
-        if v_th.shape == (c,) and v_init.shape == (c,):
-            expected = v_th - v_init - (0 if sem.profile.strict else 1)
-            if np.any(theta != expected):
-                raise InputFileError(f"node {name}: v_threshold disagrees with metadata v_th "
-                                     "and v_init (the portable threshold is v_th - v_init"
-                                     f"{'' if sem.profile.strict else ' - 1'})")
+        half = 0.5 if sem.profile.strict else -0.5
+        if v_th.shape == (c,) and v_init.shape == (c,) and np.any(
+                theta != (v_th - v_init) + half):
+            raise InputFileError(f"node {name}: v_threshold disagrees with metadata v_th and "
+                                 f"v_init (the portable threshold is v_th - v_init {half:+})")
     if np.any(v_reset != 0):
         raise InputFileError(f"node {name}: v_reset must be 0 in a csqcfs-deploy file")
     return IFLayer(name, shape, v_th=v_th, v_init=v_init, bias=bias,
