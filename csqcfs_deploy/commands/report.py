@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..energy import ActivityCounter, estimate, resolve_energy
+from ..energy import ActivityCounter, EnergyConstants, estimate, resolve_energy
 from ..errors import UsageError
 from ..files import write_atomic, write_text_atomic
+from ..graph import IFGraph
 from ..reference import input_units
 from ..schedule import SCHEDULES, RunConfig, latency_steps, total_steps
 from ..simulators.integer import simulate
@@ -71,16 +72,24 @@ def build_report(args: argparse.Namespace) -> dict[str, object]:
     energy_sets = resolve_energy(args.energy)
     loaded = resolve_model(args)
     raw, labels, ds_name = split(args, loaded)
-    graph = loaded.graph
     cfg = RunConfig(timesteps=args.timesteps, presim=args.presim, schedule=args.schedule)
+    return make_report(loaded.graph, raw, labels, cfg, energy_sets,
+                       str(args.model or args.user_model), ds_name, args.batch_size,
+                       progress=args.json != "-")
+
+
+def make_report(graph: IFGraph, raw: np.ndarray, labels: np.ndarray, cfg: RunConfig,
+                energy_sets: list[EnergyConstants], model_name: str, dataset: str,
+                batch_size: int = 128, progress: bool = True) -> dict[str, object]:
+    """Simulate ``raw`` samples with the integer simulator and build the JSON report."""
     steps = total_steps(graph, cfg)
     x_all = input_units(graph, raw)
     counter = ActivityCounter(graph, steps)
     correct = 0
-    bar = tqdm(total=len(x_all), desc="report", unit="sample", disable=args.json == "-",
+    bar = tqdm(total=len(x_all), desc="report", unit="sample", disable=not progress,
                leave=False)
-    for i in range(0, len(x_all), args.batch_size):
-        x = x_all[i : i + args.batch_size]
+    for i in range(0, len(x_all), batch_size):
+        x = x_all[i : i + batch_size]
         result = simulate(graph, x, cfg)
         counter.add(result.spike_counts, x)
         correct += int((result.predictions == labels[i : i + len(x)]).sum())
@@ -92,9 +101,9 @@ def build_report(args: argparse.Namespace) -> dict[str, object]:
     n = activity.samples
     return {
         "schema": REPORT_SCHEMA_VERSION,
-        "model": str(args.model or args.user_model),
+        "model": model_name,
         "profile": graph.meta.profile,
-        "dataset": ds_name,
+        "dataset": dataset,
         "samples": n,
         "timesteps": cfg.timesteps,
         "presim": cfg.presim,
