@@ -60,8 +60,12 @@ class Mismatch:
 
 @dataclass
 class Comparison:
-    """One back end against its reference, accumulated over batches."""
+    """One back end against its reference, accumulated over batches.
 
+    ``key``: short stable id used in JSON (the back end, ``int-pipelined`` or ``ann``).
+    """
+
+    key: str
     name: str
     backend: str
     reference: str
@@ -81,7 +85,7 @@ class Comparison:
         return sum(self.mismatches.values())
 
     def to_json(self) -> dict[str, object]:
-        return {"backend": self.backend, "reference": self.reference,
+        return {"name": self.name, "backend": self.backend, "reference": self.reference,
                 "schedule": self.schedule, "samples": self.samples, "steps": self.steps,
                 "layers": len(self.compared), "compared": self.total_compared,
                 "mismatches": self.total_mismatches,
@@ -109,7 +113,7 @@ class VerifyResult:
     def to_json(self) -> dict[str, object]:
         first = self.first_mismatch
         return {"identical": self.identical,
-                "compared": {c.name: c.to_json() for c in self.comparisons},
+                "compared": {c.key: c.to_json() for c in self.comparisons},
                 "not_compared": self.skipped,
                 "first_mismatch": None if first is None else first.to_json(),
                 "layers": {k: {"neurons": self.layer_neurons[k], "spikes": v}
@@ -192,14 +196,15 @@ def verify(graph: IFGraph, x_int: torch.Tensor, timesteps: int, presim: int,
     comparisons: dict[str, Comparison] = {}
     for b in others:
         ref = "int (pipelined)" if cfg_for[b] is pipe else "int (synchronous)"
-        comparisons[b] = Comparison(f"{b} vs {ref}", b, ref, cfg_for[b].schedule)
+        comparisons[b] = Comparison(b, f"{b} vs {ref}", b, ref, cfg_for[b].schedule)
     comparisons["int-pipelined"] = Comparison(
-        "int (pipelined) vs int (synchronous), shifted by depth", "int (pipelined)",
-        "int (synchronous)", "pipelined")
+        "int-pipelined", "int (pipelined) vs int (synchronous), shifted by depth",
+        "int (pipelined)", "int (synchronous)", "pipelined")
     skipped: dict[str, str] = {}
     ann_applies = graph.meta.levels == 1 and timesteps == 1 and presim == 0
     if ann_applies:
-        comparisons["ann"] = Comparison("quantized ANN vs int (synchronous)", "quantized ANN",
+        comparisons["ann"] = Comparison("ann", "quantized ANN vs int (synchronous)",
+                                        "quantized ANN",
                                         "int (synchronous)", "synchronous")
     else:
         skipped["quantized ANN vs int"] = (
