@@ -38,6 +38,7 @@ weights, the input's largest magnitude and the step count):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -74,7 +75,7 @@ from csqcfs_deploy.synapses import (
     sum_pool,
 )
 
-from .neurons import IFConstants, IFParams, if_fire_final, if_step_inplace, readout_step
+from .neurons import IFConstants, IFParams, if_fire_final, if_fire_reset_, readout_step
 
 SynapseKernel = Literal["auto", "float", "int8"]
 KERNELS: tuple[str, ...] = ("auto", "float", "int8")
@@ -114,15 +115,39 @@ def _shifted_bound(bound: float, weight_exp: int) -> float:
     return float(math.ceil(bound / 2.0**-weight_exp))
 
 
+def sum_dtype_for(name: str, projection_bounds: list[tuple[float, int]]) -> torch.dtype:
+    """float32 or float64: the dtype in which one layer's synaptic sums are provably exact.
+
+    ``projection_bounds``: per incoming projection, (bound of ``|W (*) pool(x)|``,
+    weight_exp). Every projection's own sums and their shifted total must stay
+    below the dtype's exact-integer range.
+    """
+    raw = max((b for b, _ in projection_bounds), default=0.0)
+    need = max(raw, shifted_total(projection_bounds))
+    if need < exact_float_bound(torch.float32) and float32_kernels_exact():
+        return torch.float32
+    if need < exact_float_bound(torch.float64):
+        return torch.float64
+    raise GraphError(f"layer {name}: synaptic sums may reach {need:.3g}, beyond exact "
+                     "float64 arithmetic")
+
+
+def shifted_total(projection_bounds: list[tuple[float, int]]) -> float:
+    """Bound of the layer's summed input after every projection's weight_exp."""
+    return sum(_shifted_bound(b, e) for b, e in projection_bounds)
+
+
 @dataclass(frozen=True)
 class LayerArithmetic:
-    """The exactness proof of one layer for one run (see the module docstring).
+    """The exactness proof of one layer's neuron scan for one run (module docstring).
 
-    ``sum_bound``: bound of the step's summed synaptic input (after weight_exp);
-    ``sum_dtype``: float32 or float64, the dtype the sums are computed in;
-    ``current_bound``: bound of the current after shift and wrap; ``wraps``:
-    whether the profile's wrap can trigger; ``state_dtype``: int32 or int64 for
-    the neuron scan; ``clamp``: whether saturation can trigger.
+    ``sum_bound``: bound of the step's summed synaptic input (after weight_exp,
+    from the weights or observed in this batch); ``sum_dtype``: float32 or
+    float64, the dtype the sums are held in; ``current_bound``: bound of the
+    current after shift and wrap; ``wraps``: whether the profile's wrap can
+    trigger; ``state_dtype``: the dtype of the scan (the sums' own float dtype
+    when every value stays inside its exact-integer range, else int32 when
+    below 2**31, else int64); ``clamp``: whether saturation can trigger.
     """
 
     sum_bound: float
@@ -133,21 +158,9 @@ class LayerArithmetic:
     clamp: bool
 
     @classmethod
-    def derive(cls, name: str, projection_bounds: list[tuple[float, int]],
-               profile: Profile, bias_max: int, v_init_max: int, v_th_max: int,
-               steps: int) -> LayerArithmetic:
-        """From per-projection (bound before shift, weight_exp) pairs and the layer's constants."""
-        raw = max((b for b, _ in projection_bounds), default=0.0)
-        total = sum(_shifted_bound(b, e) for b, e in projection_bounds)
-        need = max(raw, total)
-        if need < exact_float_bound(torch.float32) and float32_kernels_exact():
-            sum_dtype = torch.float32
-        elif need < exact_float_bound(torch.float64):
-            sum_dtype = torch.float64
-        else:
-            raise GraphError(f"layer {name}: synaptic sums may reach {need:.3g}, beyond exact "
-                             "float64 arithmetic")
-        before_wrap = total * 2.0**profile.act_shift
+    def derive(cls, sum_bound: float, sum_dtype: torch.dtype, profile: Profile,
+               bias_max: int, v_init_max: int, v_th_max: int, steps: int) -> LayerArithmetic:
+        before_wrap = sum_bound * 2.0**profile.act_shift
         wraps = False
         current = before_wrap
         if profile.current_bits is not None:
@@ -159,8 +172,18 @@ class LayerArithmetic:
         clamp = reach > min(profile.voltage_max, -profile.voltage_min)
         v_abs = min(reach, max(profile.voltage_max, -profile.voltage_min))
         widest = max(before_wrap, v_abs + current + bias_max, v_th_max + v_abs)
-        state = torch.int32 if widest <= INT32_MAX else torch.int64
-        return cls(total, sum_dtype, current, wraps, state, clamp)
+        if widest < exact_float_bound(sum_dtype):
+            state = sum_dtype
+        elif widest <= INT32_MAX:
+            state = torch.int32
+        else:
+            state = torch.int64
+        return cls(sum_bound, sum_dtype, current, wraps, state, clamp)
+
+    @property
+    def ideal(self) -> bool:
+        """Nothing a tighter bound could improve: no wrap, no clamp, no conversion."""
+        return not self.wraps and not self.clamp and self.state_dtype == self.sum_dtype
 
 
 @dataclass
@@ -187,6 +210,12 @@ class _Source:
         if dtype not in self.as_dtype:
             self.as_dtype[dtype] = self.values.to(dtype)
         return self.as_dtype[dtype]
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor, channels-last when 4-D."""
+    fmt = torch.channels_last if len(shape) == 4 else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype, memory_format=fmt)
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -357,10 +386,7 @@ class Simulator:
             layer = self.graph.node(name)
             projs = graph.incoming(name)
             bounds = [(max_abs_output(p, sources[p.src].max_abs), p.weight_exp) for p in projs]
-            arith = LayerArithmetic.derive(
-                name, bounds, self.profile, int(np.abs(layer.bias).max(initial=0)),
-                int(np.abs(layer.v_init).max(initial=0)) if isinstance(layer, IFLayer) else 0,
-                int(layer.v_th.max(initial=0)) if isinstance(layer, IFLayer) else 0, steps)
+            sum_dtype = sum_dtype_for(name, bounds)
             parts: list[_Part] = []
             for p in projs:
                 src = sources[p.src]
@@ -368,24 +394,23 @@ class Simulator:
                 delay = projection_delay(graph, cfg, p.name)
                 rows = n if constant else (steps - delay) * n
                 if rows > 0:
-                    sums = self._project(p, src, graph.node(p.src).shape, arith.sum_dtype,
-                                         rows)
+                    sums = self._project(p, src, graph.node(p.src).shape, sum_dtype, rows)
                     parts.append(_Part(sums, delay, constant))
                 pending[p.src] -= 1
                 if pending[p.src] == 0 and not constant:
                     del sources[p.src]
+            arith = self._arithmetic(layer, parts, shifted_total(bounds), sum_dtype, steps)
             parts = _merge_parts(parts, steps, n)
             b = boundary(graph, cfg, name)
             if isinstance(layer, IFLayer):
                 out = self._scan_if(layer, parts, arith, steps, n, cfg, b,
                                     fill_reset_step(graph, cfg, name), masks)
-                whole = out.view(steps, n, *layer.shape)
-                window = whole[b : b + cfg.timesteps]
-                window_counts[name] = _count(window)
+                window_counts[name] = _count(out, n, b, b + cfg.timesteps)
                 spike_counts[name] = (window_counts[name] if steps == cfg.timesteps
-                                      else _count(whole))
+                                      else _count(out, n, 0, steps))
                 if cfg.record:
-                    spikes[name] = whole.contiguous()
+                    spikes[name] = out.view(steps, n, *layer.shape).to(
+                        torch.bool, memory_format=torch.contiguous_format)
                 sources[name] = _Source(out, 1.0)
             else:
                 assert isinstance(layer, ReadoutLayer)
@@ -400,48 +425,82 @@ class Simulator:
         )
 
     # ---- neuron scans ---------------------------------------------------------
+    def _arithmetic(self, layer: IFLayer | ReadoutLayer, parts: list[_Part],
+                    static_bound: float, sum_dtype: torch.dtype, steps: int
+                    ) -> LayerArithmetic:
+        """The layer's proof from the weights' bound, tightened by this batch's actual
+        sums when the weights' bound leaves a wrap, a clamp or a conversion in the scan."""
+        if isinstance(layer, IFLayer):
+            consts = (int(np.abs(layer.bias).max(initial=0)),
+                      int(np.abs(layer.v_init).max(initial=0)), int(layer.v_th.max(initial=0)))
+        else:
+            consts = (int(np.abs(layer.bias).max(initial=0)), 0, 0)
+        arith = LayerArithmetic.derive(static_bound, sum_dtype, self.profile, *consts, steps)
+        if arith.ideal or not parts:
+            return arith
+        observed = 0.0
+        for pt in parts:
+            if pt.sums.numel():
+                lo, hi = torch.aminmax(_flat(pt.sums))
+                observed += max(-float(lo), float(hi))
+        if observed >= static_bound:
+            return arith
+        return LayerArithmetic.derive(observed, sum_dtype, self.profile, *consts, steps)
+
     def _drive(self, parts: list[_Part], t: int, n: int, arith: LayerArithmetic,
-               bias: torch.Tensor, shape: tuple[int, ...], cache: dict[int, torch.Tensor]
-               ) -> tuple[torch.Tensor, bool]:
-        """``current(acc_t) + bias`` of step ``t + 1`` in the state dtype; (tensor, owned)."""
+               offset: torch.Tensor, shape: tuple[int, ...],
+               cache: dict[tuple[int, int], torch.Tensor]) -> tuple[torch.Tensor, bool]:
+        """``current(acc_t) + offset`` of step ``t + 1`` in the state dtype; (tensor, owned).
+
+        ``offset`` is the bias, or bias + v_init for a step that starts from v_init.
+        A drive made only of constant (input) sums is computed once and cached.
+        """
         active = [pt for pt in parts if t >= pt.delay]
         if not active:
-            return bias.expand(n, *shape), False
+            return offset.expand(n, *shape), False
         if all(pt.constant for pt in active):
-            key = len(active)
+            key = (len(active), id(offset))
             if key not in cache:
                 acc = active[0].sums
                 for pt in active[1:]:
                     acc = acc + pt.sums
-                cache[key] = self._current(acc, arith).add_(bias)
+                cache[key] = self._current(acc, arith, offset)
             return cache[key], False
         acc = None
         for pt in active:
             rows = pt.sums if pt.constant else pt.sums[(t - pt.delay) * n:(t - pt.delay + 1) * n]
             acc = rows if acc is None else acc + rows
         assert acc is not None
-        return self._current(acc, arith).add_(bias), True
+        return self._current(acc, arith, offset), True
 
-    def _current(self, acc: torch.Tensor, arith: LayerArithmetic) -> torch.Tensor:
-        """The profile's ``current()`` of exact integer sums, as a new state-dtype tensor."""
-        u = acc.to(arith.state_dtype)
-        shift = self.profile.act_shift
-        if shift:
-            u.mul_(1 << shift)
-        if arith.wraps:
+    def _current(self, acc: torch.Tensor, arith: LayerArithmetic, offset: torch.Tensor
+                 ) -> torch.Tensor:
+        """``profile.current(acc) + offset`` of exact integer sums, as a new tensor."""
+        scale = 1 << self.profile.act_shift
+        if acc.dtype == arith.state_dtype:
+            if not arith.wraps:
+                return torch.add(offset, acc, alpha=scale)
+            u = acc * scale
+        else:
+            u = acc.to(arith.state_dtype)
+            if scale != 1:
+                u.mul_(scale)
+        if arith.wraps:  # once, as Profile.current: u > h -> u - 2h, then u <= -h -> u + 2h
             assert self.profile.current_bits is not None
             half = 1 << (self.profile.current_bits - 1)
-            u = torch.where(u > half, u - 2 * half, u)
-            u = torch.where(u <= -half, u + 2 * half, u)
-        return u
+            hit = torch.gt(u, half, out=torch.empty_like(u))
+            u.add_(hit, alpha=-2 * half)
+            torch.le(u, -half, out=hit)
+            u.add_(hit, alpha=2 * half)
+        return u.add_(offset)
 
     def _scan_if(self, layer: IFLayer, parts: list[_Part], arith: LayerArithmetic,
                  steps: int, n: int, cfg: RunConfig, b: int, fill: int,
                  masks: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Output spikes of one IF layer, bool (steps * N, *shape).
+        """Output spikes of one IF layer, float32 0/1 (steps * N, *shape).
 
         ``b``: boundary step (mask and re-initialisation when P > 0); ``fill``:
-        fill-reset step (0: none).
+        fill-reset step (0: none). ``v = None`` stands for ``v_init`` everywhere.
         """
         ndim = len(layer.shape) + 1
         params = IFParams(
@@ -449,29 +508,47 @@ class Simulator:
             bias=_per_channel(layer.bias, ndim), reset=layer.reset, profile=self.profile,
         )
         c = IFConstants.build(params, arith.state_dtype, arith.clamp)
-        bias = params.bias.to(arith.state_dtype)
         single = self._single_step(parts, params, arith, steps, c)
         if single is not None:
             return single
-        out = torch.empty((steps * n, *layer.shape), dtype=torch.bool)
-        out = _channels_last(out)
+        bias = params.bias.to(arith.state_dtype)
+        start = (params.bias + params.v_init).to(arith.state_dtype)
+        scale = 1 << self.profile.act_shift
+        direct = (len(parts) == 1 and not parts[0].constant and not arith.wraps
+                  and parts[0].sums.dtype == arith.state_dtype)
+        out = _empty((steps * n, *layer.shape), torch.float32)
+        # spikes are written straight into float32 rows when the state is float
+        # (comparison and reset then need no conversion); an integer state goes
+        # through a bool scratch row.
+        scratch = (None if arith.state_dtype.is_floating_point and layer.reset == "subtract"
+                   else _empty((n, *layer.shape), torch.bool))
         v: torch.Tensor | None = None
         mask: torch.Tensor | None = None
-        cache: dict[int, torch.Tensor] = {}
+        cache: dict[tuple[int, int], torch.Tensor] = {}
         for t in range(steps):  # t = step - 1
-            drive, owned = self._drive(parts, t, n, arith, bias, layer.shape, cache)
-            o = out[t * n:(t + 1) * n]
-            if t == steps - 1 and c.final_exact:
-                if_fire_final(drive, v, c, o)
+            if v is None:
+                v, owned = self._drive(parts, t, n, arith, start, layer.shape, cache)
+                if not owned:
+                    v = v.clone()
+            elif direct and t >= parts[0].delay:  # v += acc << k; v += bias (no temporaries)
+                d = parts[0].delay
+                v.add_(parts[0].sums[(t - d) * n:(t - d + 1) * n], alpha=scale).add_(bias)
             else:
-                v = if_step_inplace(drive, v, c, o, owned)
+                v.add_(self._drive(parts, t, n, arith, bias, layer.shape, cache)[0])
+            o = out[t * n:(t + 1) * n]
+            fired = o if scratch is None else scratch
+            if t == steps - 1 and c.final_exact:
+                if_fire_final(v, c, fired)
+            else:
+                v = if_fire_reset_(v, c, fired)
+            if scratch is not None:
+                o.copy_(scratch)
             if mask is not None:
-                o.logical_and_(mask)
+                o.mul_(mask)
             if cfg.presim > 0 and t + 1 == b:
-                assert v is not None
-                mask = v > 0
-                masks[layer.name] = mask
-                v = None  # back to v_init
+                masks[layer.name] = v > 0
+                mask = masks[layer.name].to(torch.float32)
+                v = None
             elif t + 1 == fill:
                 v = None
         return out
@@ -492,18 +569,18 @@ class Simulator:
                   - params.v_init)
         cut = torch.div(margin, 1 << self.profile.act_shift, rounding_mode="floor")
         limit = exact_float_bound(acc.dtype)
-        return acc > cut.clamp(-limit, limit).to(acc.dtype)
+        out = torch.empty_like(acc, dtype=torch.float32)
+        return torch.gt(acc, cut.clamp(-limit, limit).to(acc.dtype), out=out)
 
     def _scan_readout(self, layer: ReadoutLayer, parts: list[_Part], arith: LayerArithmetic,
                       steps: int, n: int, b: int) -> torch.Tensor:
         bias = _per_channel(layer.bias, 2)
+        zero = torch.zeros_like(bias)
         v = torch.zeros((n, *layer.shape), dtype=torch.int64)
-        wide = LayerArithmetic(arith.sum_bound, arith.sum_dtype, arith.current_bound,
-                               arith.wraps, torch.int64, True)
-        cache: dict[int, torch.Tensor] = {}
+        wide = dataclasses.replace(arith, state_dtype=torch.int64)
+        cache: dict[tuple[int, int], torch.Tensor] = {}
         for t in range(steps):
-            drive, _ = self._drive(parts, t, n, wide, torch.zeros_like(bias), layer.shape,
-                                   cache)
+            drive, _ = self._drive(parts, t, n, wide, zero, layer.shape, cache)
             v = readout_step(drive, v, bias, self.profile)
             if t + 1 == b:
                 v = torch.zeros_like(v)
@@ -525,11 +602,25 @@ def _merge_parts(parts: list[_Part], steps: int, n: int) -> list[_Part]:
     return list(merged.values())
 
 
-def _count(window: torch.Tensor) -> torch.Tensor:
-    """Spikes per neuron over the steps of ``window`` (S, N, *shape) -> (N, *shape) int32."""
-    if window.shape[0] == 1:
-        return window[0].to(torch.int32, memory_format=torch.contiguous_format)
-    return window.sum(0, dtype=torch.int32).contiguous()
+def _count(out: torch.Tensor, n: int, first: int, stop: int) -> torch.Tensor:
+    """Spikes per neuron over steps ``first + 1 .. stop`` of a layer's float spikes
+    ``out`` (steps * N, *shape) -> (N, *shape) int32 (float sums of 0/1: exact).
+
+    The counts keep the spikes' memory layout (channels-last for (C, H, W)
+    layers): compare with ``torch.equal``, flatten with ``reshape``."""
+    total = out[first * n:(first + 1) * n]
+    if stop - first > 1:
+        total = total.clone()
+        for t in range(first + 1, stop):
+            total.add_(out[t * n:(t + 1) * n])
+    return total.to(torch.int32)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D view in memory order (reductions over channels-last tensors are slow)."""
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(-1)
+    return t.reshape(-1)
 
 
 def available_memory_bytes() -> int | None:

@@ -12,9 +12,9 @@ step's synaptic input already passed through the profile's ``current()``
 One step of the non-spiking readout: ``v <- saturate(v + current + bias)``.
 
 :func:`if_step` is the rule as written. The batched simulator runs the same
-rule through :func:`if_step_inplace` and :func:`if_fire_final`, which compute
-identical spikes and membranes with fewer memory passes (in place, in int32
-where :class:`IFConstants` was built with a proof that int32 cannot overflow);
+rule through :func:`if_fire_reset_` and :func:`if_fire_final`, which compute
+identical spikes and membranes with fewer memory passes (in place, in int32 or
+float32 where the caller proved that the dtype holds every value exactly);
 ``tests/test_simulator.py`` checks them against :func:`if_step`.
 """
 
@@ -68,7 +68,9 @@ class IFConstants:
     threshold of a strict comparison (``v_th`` on strict profiles, ``v_th - 1``
     otherwise, so ``s = v > fire_th`` in both cases); ``clamp`` is False when
     the caller proved that the membrane can never leave ``[v_min, v_max]``
-    (then saturation is the identity and is skipped).
+    (then saturation is the identity and is skipped). The dtype may be int32,
+    int64, float32 or float64: the caller proves that every value the step
+    computes is an integer that the dtype holds exactly.
     """
 
     v_th: torch.Tensor
@@ -79,6 +81,14 @@ class IFConstants:
     clamp: bool
     reset: str
 
+    @classmethod
+    def build(cls, params: IFParams, dtype: torch.dtype, clamp: bool) -> IFConstants:
+        prof = params.profile
+        fire_th = params.v_th if prof.strict else params.v_th - 1
+        return cls(v_th=params.v_th.to(dtype), v_init=params.v_init.to(dtype),
+                   fire_th=fire_th.to(dtype), v_min=prof.voltage_min, v_max=prof.voltage_max,
+                   clamp=clamp, reset=params.reset)
+
     @property
     def final_exact(self) -> bool:
         """True when :func:`if_fire_final` may skip the clamp: no saturation can happen,
@@ -88,52 +98,32 @@ class IFConstants:
             return True
         return bool((self.fire_th >= self.v_min).all() and (self.fire_th < self.v_max).all())
 
-    @classmethod
-    def build(cls, params: IFParams, dtype: torch.dtype, clamp: bool) -> IFConstants:
-        prof = params.profile
-        fire_th = params.v_th if prof.strict else params.v_th - 1
-        return cls(v_th=params.v_th.to(dtype), v_init=params.v_init.to(dtype),
-                   fire_th=fire_th.to(dtype), v_min=prof.voltage_min, v_max=prof.voltage_max,
-                   clamp=clamp, reset=params.reset)
 
+def if_fire_reset_(v: torch.Tensor, c: IFConstants, out: torch.Tensor) -> torch.Tensor:
+    """The rest of :func:`if_step` once ``v`` holds ``v + current + bias``, in place.
 
-def if_step_inplace(drive: torch.Tensor, v: torch.Tensor | None, c: IFConstants,
-                    out: torch.Tensor, drive_owned: bool) -> torch.Tensor:
-    """One step of :func:`if_step` on ``drive = current + bias``, updating ``v`` in place.
+    ``v`` (N, *shape) is updated and returned; spikes go into ``out`` (N, *shape),
+    a bool tensor, or a float tensor of 0/1 when ``v`` is float::
 
-    ``v`` is the membrane (N, *shape) or None, meaning ``v_init`` everywhere
-    (the first step and after a re-initialisation: no tensor needs filling).
-    Spikes are written into the bool tensor ``out`` (N, *shape); the new
-    membrane is returned. ``drive_owned``: ``drive`` may be overwritten.
-    Integer rule, exactly :func:`if_step`::
-
-        v <- v + drive ; v <- clamp(v, v_min, v_max) ; s <- v > fire_th
+        v <- clamp(v, v_min, v_max) ; s <- v > fire_th
         v <- v - s * v_th   or   v <- 0 where s
     """
-    if v is None:
-        v = drive.add_(c.v_init) if drive_owned else drive + c.v_init
-    else:
-        v.add_(drive)
     if c.clamp:
         v.clamp_(c.v_min, c.v_max)
     torch.gt(v, c.fire_th, out=out)
     if c.reset == "subtract":
         v.addcmul_(out, c.v_th, value=-1)
     else:
-        v.masked_fill_(out, 0)
+        v.masked_fill_(out if out.dtype == torch.bool else out.bool(), 0)
     return v
 
 
-def if_fire_final(drive: torch.Tensor, v: torch.Tensor | None, c: IFConstants,
-                  out: torch.Tensor) -> None:
+def if_fire_final(v: torch.Tensor, c: IFConstants, out: torch.Tensor) -> None:
     """Spikes of a step after which the membrane is never read again (the last step).
 
-    Only valid when ``c.final_exact``: saturation is monotone, and with
-    ``v_min <= fire_th < v_max`` we have ``clamp(x, v_min, v_max) > fire_th``
-    exactly when ``x > fire_th``; so the spikes are ``v + drive > fire_th``
-    with neither clamp nor reset. ``v`` (if given) is overwritten.
+    ``v`` holds ``v + current + bias``. Only valid when ``c.final_exact``:
+    saturation is monotone, and with ``v_min <= fire_th < v_max`` we have
+    ``clamp(x, v_min, v_max) > fire_th`` exactly when ``x > fire_th``; so the
+    spikes are ``v > fire_th`` with neither clamp nor reset.
     """
-    if v is None:
-        torch.gt(drive, c.fire_th - c.v_init, out=out)
-    else:
-        torch.gt(v.add_(drive), c.fire_th, out=out)
+    torch.gt(v, c.fire_th, out=out)
