@@ -90,6 +90,7 @@ import_lava()
 
 from lava.magma.core.run_conditions import RunSteps  # noqa: E402
 from lava.magma.core.run_configs import Loihi2SimCfg  # noqa: E402
+from lava.magma.runtime.mgmt_token_enums import MGMT_RESPONSE, enum_equal  # noqa: E402
 from lava.proc.conv.models import PyConvModelFixed  # noqa: E402
 from lava.proc.conv.process import Conv  # noqa: E402
 from lava.proc.dense.models import PyDenseModelBitAcc  # noqa: E402
@@ -378,12 +379,16 @@ def _alive(proc: Any) -> bool:
         return False
 
 
-def shutdown_runtime(runtime: Any, timeout_s: float = STOP_TIMEOUT_S) -> list[str]:
+def shutdown_runtime(runtime: Any, polite: bool = True,
+                     timeout_s: float = STOP_TIMEOUT_S) -> list[str]:
     """Stop a Lava runtime and make sure every process it started has ended.
 
-    Asks Lava to stop (in a helper thread, so a wedged runtime cannot hang the
-    host), then terminates, by handle, any of its processes still alive, and
-    shuts its shared-memory manager down. Returns the problems met, one line each.
+    ``polite``: first ask Lava to stop (in a helper thread, so a wedged runtime
+    cannot hang the host; skipped after a failure, when Lava's own stop would
+    wait for processes that are blocked on a dead neighbour). Then terminates,
+    by handle, any of its processes still alive, joins the host ends of its
+    channels and shuts its shared-memory manager down. Returns the problems
+    met, one line each.
     """
     problems: list[str] = []
     actors = _actors(runtime)
@@ -394,14 +399,19 @@ def shutdown_runtime(runtime: Any, timeout_s: float = STOP_TIMEOUT_S) -> list[st
     def stop() -> None:
         try:
             runtime.stop()
-        except (RuntimeError, OSError, EOFError, BrokenPipeError, ValueError) as exc:
+        except (RuntimeError, OSError, EOFError, ValueError) as exc:
             problems.append(f"Lava stop: {type(exc).__name__}: {exc}")
 
-    if getattr(runtime, "_is_started", False):
+    stopped = interrupted = False
+    if polite and getattr(runtime, "_is_started", False):
         stopper = threading.Thread(target=stop, name="lava-stop", daemon=True)
         stopper.start()
-        stopper.join(timeout_s)
-        if stopper.is_alive():
+        try:
+            stopper.join(timeout_s)
+        except KeyboardInterrupt:  # a second Ctrl-C: still end every process, then re-raise
+            interrupted = True
+        stopped = not stopper.is_alive()
+        if not stopped:
             problems.append(f"Lava did not stop within {timeout_s:.0f} s; terminating its "
                             "processes")
     for proc in (*actors, manager_proc):
@@ -412,17 +422,61 @@ def shutdown_runtime(runtime: Any, timeout_s: float = STOP_TIMEOUT_S) -> list[st
         if _alive(proc):
             proc.kill()
             _join_quietly(proc, 2.0)
-    if smm is not None:
-        with contextlib.suppress(OSError, EOFError, ValueError, AttributeError):
-            smm.shutdown()
-    watchdog = getattr(runtime, "_watchdog_manager", None)
-    if watchdog is not None:
-        with contextlib.suppress(OSError, EOFError, ValueError, AttributeError):
-            watchdog.stop()
+    if not stopped:
+        with contextlib.suppress(OSError, EOFError, ValueError, AttributeError, TypeError):
+            runtime.join()  # the host ends of Lava's channels (their threads end)
+        if smm is not None:
+            with contextlib.suppress(OSError, EOFError, ValueError, AttributeError):
+                smm.shutdown()
+        watchdog = getattr(runtime, "_watchdog_manager", None)
+        if watchdog is not None:
+            with contextlib.suppress(OSError, EOFError, ValueError, AttributeError):
+                watchdog.stop()
     if hasattr(runtime, "_is_started"):
         runtime._is_started = False
         runtime._is_running = False
+    if interrupted:
+        raise KeyboardInterrupt
     return problems
+
+
+def await_run(runtime: Any, poll_max_s: float = 0.005) -> None:
+    """Wait until Lava's runtime services report the run done, watching its processes.
+
+    Lava's own blocking wait hangs when a process fails (its neighbours block on
+    the dead process's channel, so no error ever reaches the host); here a
+    process that ends during a run raises :class:`LavaProcessFailed` with its
+    exception. Polls with a growing sleep (0.5 ms up to ``poll_max_s``), which
+    also lets Ctrl-C through.
+    """
+    pending = list(runtime.service_to_runtime)
+    actors = _actors(runtime)
+    sleep_s = 0.0005
+    while pending:
+        for port in list(pending):
+            if port.probe():
+                data = port.recv()
+                if not enum_equal(data, MGMT_RESPONSE.DONE):
+                    raise LavaProcessFailed(_child_errors(runtime)
+                                            or [f"Lava's runtime answered {data}"])
+                pending.remove(port)
+        if not pending:
+            break
+        dead = [a for a in actors if not _alive(a)]
+        if dead:
+            raise LavaProcessFailed(_child_errors(runtime)
+                                    or [f"{len(dead)} Lava process(es) ended during the run"])
+        time.sleep(sleep_s)
+        sleep_s = min(2 * sleep_s, poll_max_s)
+    runtime._is_running = False
+
+
+class LavaProcessFailed(Exception):
+    """A Lava process ended during a run (internal; the runner reports BackendUnavailable)."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("; ".join(errors))
+        self.errors = errors
 
 
 def _join_quietly(proc: Any, timeout_s: float) -> None:
@@ -526,22 +580,28 @@ class LavaRunner:
 
     def _run_steps(self, steps: int) -> None:
         try:
-            self.network.root.run(condition=RunSteps(num_steps=steps, blocking=True))
-        except (RuntimeError, ValueError, OSError, EOFError) as exc:
-            errors = _child_errors(self._runtime)
-            self.close()
-            detail = "; ".join(errors) if errors else f"{type(exc).__name__}: {exc}"
-            raise BackendUnavailable(f"Lava failed during the run ({detail}); its processes "
+            self.network.root.run(condition=RunSteps(num_steps=steps, blocking=False))
+            await_run(self._runtime)
+        except LavaProcessFailed as exc:
+            self.close(polite=False)
+            raise BackendUnavailable(f"Lava failed during the run ({exc}); its processes "
                                      "were stopped") from None
+        except (RuntimeError, ValueError, OSError, EOFError) as exc:
+            self.close(polite=False)
+            raise BackendUnavailable(f"Lava failed during the run ({type(exc).__name__}: "
+                                     f"{exc}); its processes were stopped") from None
 
-    def close(self) -> list[str]:
-        """Stop Lava's processes and remove the result files; idempotent."""
+    def close(self, polite: bool = True) -> list[str]:
+        """Stop Lava's processes and remove the result files; idempotent.
+
+        ``polite``: ask Lava to stop first (False after a failure: terminate).
+        """
         if self._closed:
             return []
         self._closed = True
         problems = []
         if self._runtime is not None:
-            problems = shutdown_runtime(self._runtime)
+            problems = shutdown_runtime(self._runtime, polite=polite)
         self._cleanup.detach()
         self._views = None  # type: ignore[assignment]
         shutil.rmtree(self._dir, ignore_errors=True)
