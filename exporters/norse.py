@@ -40,7 +40,8 @@ difference or product of integers is exact while its true value stays within
    absorbs the tiny error of transform-based convolution algorithms).
 2. *current stage* (loihi2): ``u = acc * 2**6`` then one 24-bit wrap,
    ``u -/+ 2**24``. Both are ``2**6 * k`` with ``|k| <= A + 2**18``: exact when
-   ``A + 2**(current_bits - act_shift) <= M``.
+   ``A + 2**(current_bits - act_shift) <= M``. Where ``A * 2**6 < 2**23`` the
+   wrap cannot fire and is skipped (:attr:`LayerBound.may_wrap`).
 3. *membrane*: the saturating update is computed as
    ``v + clamp(u + bias, v_min - v, v_max - v)`` (identical to
    ``clamp(v + u + bias, v_min, v_max)`` over the integers). Either
@@ -141,6 +142,11 @@ class LayerBound:
                 raise GraphError(f"layer {self.layer}: bound {name} must be >= 0")
         if self.v_min > 0 or self.v_max < 0:
             raise GraphError(f"layer {self.layer}: saturation range must contain 0")
+
+    @property
+    def may_wrap(self) -> bool:
+        """False when ``|acc << act_shift| < 2**(current_bits - 1)``: the wrap never fires."""
+        return self.wrap_span > 0 and 2 * self.synaptic >= self.wrap_span
 
     @property
     def per_step(self) -> int:
@@ -288,6 +294,7 @@ class IFNeuronParameters(NamedTuple):
     boundary: int
     method: str = "super"
     alpha: float = 100.0
+    may_wrap: bool = True
 
 
 class IFNeuronState(NamedTuple):
@@ -311,6 +318,16 @@ def saturating_add(v: torch.Tensor, w: torch.Tensor, v_min: float, v_max: float
     return v + torch.clamp(w, v_min - v, v_max - v)
 
 
+def synaptic_current(acc: torch.Tensor, profile: Profile, may_wrap: bool = True
+                     ) -> torch.Tensor:
+    """``profile.current(acc)`` (shift, then the wrap); ``may_wrap=False`` (the layer's
+    bound shows ``|acc << act_shift| < 2**(current_bits - 1)``) skips the wrap, which
+    could not fire."""
+    if may_wrap:
+        return profile.current(acc)
+    return acc * float(1 << profile.act_shift) if profile.act_shift else acc
+
+
 def if_feed_forward_step(input_tensor: torch.Tensor, state: IFNeuronState,
                          p: IFNeuronParameters, dt: float = 1.0
                          ) -> tuple[torch.Tensor, IFNeuronState]:
@@ -328,7 +345,7 @@ def if_feed_forward_step(input_tensor: torch.Tensor, state: IFNeuronState,
     Returns ``(out, new state)``; ``dt`` is unused (Norse's signature).
     """
     t = state.t + 1
-    u = p.profile.current(input_tensor)
+    u = synaptic_current(input_tensor, p.profile, p.may_wrap)
     v = saturating_add(state.v, u + p.bias, p.v_min, p.v_max)
     z = threshold(v - p.v_th + p.offset if p.offset else v - p.v_th, p.method, p.alpha)
     zero = v.new_zeros(())
@@ -353,6 +370,7 @@ class ReadoutParameters(NamedTuple):
     v_min: float
     v_max: float
     boundary: int
+    may_wrap: bool = True
 
 
 class ReadoutState(NamedTuple):
@@ -373,7 +391,8 @@ def readout_feed_forward_step(input_tensor: torch.Tensor, state: ReadoutState,
     Returns ``(v, new state)``.
     """
     t = state.t + 1
-    v = saturating_add(state.v, p.profile.current(input_tensor) + p.bias, p.v_min, p.v_max)
+    u = synaptic_current(input_tensor, p.profile, p.may_wrap)
+    v = saturating_add(state.v, u + p.bias, p.v_min, p.v_max)
     if p.boundary > 0 and t == p.boundary:
         v = torch.zeros_like(v)
     return v, ReadoutState(v=v, t=t)
@@ -511,6 +530,7 @@ class IFNeuronCell(_CheckedCell):
             v_min=float(self.profile.voltage_min), v_max=float(self.profile.voltage_max),
             offset=0.0 if self.profile.strict else 1.0, reset=self.reset,
             boundary=self.boundary, method=self.method, alpha=self.alpha,
+            may_wrap=self.bound.may_wrap,
         )
 
     def initial_state(self, input_tensor: torch.Tensor) -> IFNeuronState:
@@ -551,6 +571,7 @@ class ReadoutCell(_CheckedCell):
         return ReadoutParameters(
             bias=self.bias, profile=self.profile, v_min=float(self.profile.voltage_min),
             v_max=float(self.profile.voltage_max), boundary=self.boundary,
+            may_wrap=self.bound.may_wrap,
         )
 
     def initial_state(self, input_tensor: torch.Tensor) -> ReadoutState:
@@ -764,7 +785,8 @@ def to_norse(graph: IFGraph, *, presim: int = 0, dtype: torch.dtype | None = Non
              method: str = "super", alpha: float = 100.0) -> NorseIFNetwork:
     """Build the Norse module of an integer IF graph (synchronous schedule).
 
-    Example (``x_int``: integer input units (N, *input_shape))::
+    Example (``x_int``: integer input units (N, *input_shape); ``load_graph`` from
+    :mod:`csqcfs_deploy.graph`)::
 
         >>> net = to_norse(load_graph("digits.ifg"))      # an integer IF graph file
         >>> readout_v, state = net(x_int)                  # one step, (N, classes)
@@ -832,6 +854,9 @@ class NorseRunner:
         if self.cfg.schedule != "synchronous":
             raise UsageError(f"the norse back end runs the synchronous schedule, not "
                              f"{self.cfg.schedule}")
+        if self.steps_total > exact_float_bound(self.net.dtype):
+            raise UsageError(f"{self.steps_total} steps: spike counts would not be exact in "
+                             f"{_dtype_name(self.net.dtype)}")
         if self.net.presim != self.cfg.presim:
             raise UsageError(f"the module was built for presim {self.net.presim}, the run "
                              f"asks for presim {self.cfg.presim}")
@@ -853,11 +878,10 @@ class NorseRunner:
         state: NetworkState | None = None
         for readout, state in net.steps(x_int, self.steps_total):  # noqa: B007 - last one used
             in_window = state.t > cfg.presim
-            for name, z in net.layer_spikes(state).items():
-                s = z.to(torch.int32)
-                counts[name] = s if name not in counts else counts[name] + s
+            for name, z in net.layer_spikes(state).items():  # float counts: exact, P+T <= M
+                counts[name] = z if name not in counts else counts[name] + z
                 if in_window:
-                    window[name] = s if name not in window else window[name] + s
+                    window[name] = z if name not in window else window[name] + z
                 if cfg.record:
                     recorded[name].append(z.to(torch.bool).cpu())
         assert readout is not None and state is not None  # steps_total >= 1
@@ -870,8 +894,8 @@ class NorseRunner:
         return RunResult(
             readout=readout_int, logits=logits, steps=self.steps_total,
             spikes={k: torch.stack(v) for k, v in recorded.items()} if cfg.record else None,
-            spike_counts={k: v.cpu() for k, v in counts.items()},
-            window_counts={k: v.cpu() for k, v in window.items()},
+            spike_counts={k: v.to(device="cpu", dtype=torch.int32) for k, v in counts.items()},
+            window_counts={k: v.to(device="cpu", dtype=torch.int32) for k, v in window.items()},
             masks=masks,
         )
 

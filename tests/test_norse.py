@@ -394,3 +394,18 @@ def test_docstring_example_runs(digits_graphs: dict[str, IFGraph], digits: Datas
     readout_v, spikes = tests[0].globs["readout_v"], tests[0].globs["spikes"]
     assert readout_v.shape == (5, 10)
     assert set(spikes) == {la.name for la in graph.if_layers}
+
+
+def test_tf32_is_off_while_the_module_runs_on_cuda() -> None:
+    """The CUDA guard switches TF32 off and restores the user's setting (no GPU needed)."""
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = (conv.fp32_precision, matmul.fp32_precision)
+    try:
+        conv.fp32_precision = matmul.fp32_precision = "tf32"
+        with nb.ieee_float32(torch.device("cuda")):
+            assert conv.fp32_precision == matmul.fp32_precision == "ieee"
+        assert conv.fp32_precision == matmul.fp32_precision == "tf32"
+        with nb.ieee_float32(torch.device("cpu")):
+            assert conv.fp32_precision == "tf32"
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = saved
