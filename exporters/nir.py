@@ -83,9 +83,10 @@ FOREIGN_PROFILE = "int16"
 
 NATIVE_EXACTNESS = ("exact at every T, P and schedule for a reader that applies this file's "
                     "metadata (soft reset, initial membrane, comparison, profile arithmetic)")
-PORTABLE_EXACTNESS = ("exact only at T = 1 without pre-simulation (P = 0): v starts at 0, the "
-                      "initial membrane and the comparison are folded into v_threshold, hard "
-                      "reset; from step 2 on a reader that ignores the metadata differs")
+PORTABLE_EXACTNESS = ("exact only at T = 1 without pre-simulation (P = 0), as long as no "
+                      "current wraps or voltage saturates: v starts at 0, the initial membrane "
+                      "and the comparison are folded into v_threshold, hard reset; from step 2 "
+                      "on a reader that ignores the metadata differs")
 SCHEDULE_HINT = ("synchronous: every projection delivers its source's spikes of the same step; "
                  "pipelined (Lava/Loihi): projection delay = depth(dst) - depth(src) steps, "
                  "see node metadata pipelined_delay")
@@ -146,6 +147,10 @@ def _check_portable(graph: IFGraph) -> None:
                 f"{int(la.v_th.max())}); the portable NIR flavour needs one threshold per layer: "
                 "convert the checkpoint with --per-layer-thresholds (or use --flavor native)")
     for p in graph.projections:
+        if p.pool is not None and p.pool.padding != (0, 0):
+            raise UsageError(f"projection {p.name} has a padded sum pool; Norse and nirtorch "
+                             "ignore SumPool2d padding, so the portable flavour refuses it (use "
+                             "--flavor native)")
         if p.weight_exp != 0:
             raise UsageError(f"projection {p.name} has weight exponent {p.weight_exp}, which NIR "
                              "cannot express; use --flavor native")

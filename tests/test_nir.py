@@ -85,7 +85,8 @@ def toy_graph(profile: str, per_layer: bool = False, weight_exp: int = 1) -> IFG
     )
     projections = (
         ConvProjection("c1", "input", "a", w(3, 2, 3, 3), padding=(1, 1)),
-        ConvProjection("c2", "a", "b", w(6, 1, 3, 3), SumPool((3, 3), (2, 2), (1, 1)),
+        ConvProjection("c2", "a", "b", w(6, 1, 3, 3),
+                       SumPool((2, 2), (2, 2)) if per_layer else SumPool((3, 3), (2, 2), (1, 1)),
                        padding=(1, 1), groups=3),
         IdentityProjection("sc", "b", "b2", w(6)),
         ConvProjection("c3", "b", "b2", w(6, 6, 1, 1)),
@@ -180,6 +181,14 @@ def test_portable_flavour_refuses_what_it_cannot_say(tmp_path: Path) -> None:
         graph_to_nir(toy_graph("int8"), "portable")
     with pytest.raises(UsageError, match="projection fc1 has weight exponent 1"):
         graph_to_nir(toy_graph("int8", per_layer=True), "portable")
+    padded = toy_graph("int8", per_layer=True, weight_exp=0)
+    c2 = padded.node("c2")
+    padded = padded.replace(projections=tuple(
+        ConvProjection("c2", "a", "b", c2.weight, SumPool((3, 3), (2, 2), (1, 1)),
+                       padding=(1, 1), groups=3) if p.name == "c2" else p
+        for p in padded.projections))
+    with pytest.raises(UsageError, match="projection c2 has a padded sum pool"):
+        graph_to_nir(padded, "portable")
     with pytest.raises(UsageError, match="unknown NIR flavour"):
         graph_to_nir(toy_graph("int8"), "fancy")
     assert list(tmp_path.iterdir()) == []
