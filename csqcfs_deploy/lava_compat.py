@@ -31,6 +31,7 @@ modules are imported.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.abc
@@ -146,6 +147,14 @@ def ensure_lava_compat() -> bool:
     if not any(isinstance(f, LavaCompatFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, LavaCompatFinder())
     return True
+
+
+def import_lava_dl(module: str = "lava.lib.dl.netx") -> ModuleType:
+    """Import a lava-dl module through :func:`import_lava`, with what lava-dl prints while
+    importing (a dataset-toolbox notice on stdout) sent to stderr, so stdout stays ours
+    (e.g. for ``--json``)."""
+    with contextlib.redirect_stdout(sys.stderr):
+        return import_lava(module)
 
 
 def import_lava(module: str = "lava.magma.core.run_configs") -> ModuleType:

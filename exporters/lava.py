@@ -494,6 +494,87 @@ class LavaTimings:
     start_s: float
 
 
+def make_workdir() -> Path:
+    """A fresh directory for result files (in /dev/shm when it is usable)."""
+    return Path(tempfile.mkdtemp(prefix="csqcfs-lava-", dir=_shm_dir()))
+
+
+class LavaSession:
+    """The Lava processes connected to ``root``, compiled and started once.
+
+    ``models``: the ProcessModel per process (see :func:`process_models`);
+    ``workdir``: the result-file directory, removed by :meth:`close`. Lava's
+    processes are forked with SIGINT ignored: Ctrl-C reaches only the host,
+    which then stops them.
+    """
+
+    def __init__(self, root: Any, models: dict[Any, type], workdir: Path) -> None:
+        self.root = root
+        self.workdir = workdir
+        self._runtime: Any = None
+        self._closed = False
+        self._finalizer = weakref.finalize(self, _cleanup, workdir, None)
+        try:
+            t0 = time.perf_counter()
+            run_cfg = Loihi2SimCfg(select_tag="fixed_pt", exception_proc_model_map=models)
+            try:
+                executable = root.compile(run_cfg)
+            except (RuntimeError, ValueError, TypeError, AssertionError, KeyError) as exc:
+                raise BackendUnavailable(f"Lava failed to compile the network "
+                                         f"({type(exc).__name__}: {exc}); {INSTALL_HINT}"
+                                         ) from None
+            t1 = time.perf_counter()
+            with _children_ignore_sigint():
+                try:
+                    root.create_runtime(executable=executable)
+                finally:
+                    self._runtime = root.runtime
+                    self._finalizer.detach()
+                    self._finalizer = weakref.finalize(self, _cleanup, workdir, self._runtime)
+            t2 = time.perf_counter()
+        except BaseException:
+            self.close(polite=False)
+            raise
+        self.compile_s = t1 - t0
+        self.start_s = t2 - t1
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def run_steps(self, steps: int) -> None:
+        """Advance every process by ``steps`` steps; a failure stops Lava and raises
+        BackendUnavailable naming the error raised inside Lava."""
+        if self._closed:
+            raise BackendUnavailable("the Lava runner is closed (Lava was stopped)")
+        try:
+            self.root.run(condition=RunSteps(num_steps=steps, blocking=False))
+            await_run(self._runtime)
+        except LavaProcessFailed as exc:
+            self.close(polite=False)
+            raise BackendUnavailable(f"Lava failed during the run ({exc}); its processes "
+                                     "were stopped") from None
+        except (RuntimeError, ValueError, OSError, EOFError) as exc:
+            self.close(polite=False)
+            raise BackendUnavailable(f"Lava failed during the run ({type(exc).__name__}: "
+                                     f"{exc}); its processes were stopped") from None
+
+    def close(self, polite: bool = True) -> list[str]:
+        """Stop Lava's processes and remove the work directory; idempotent.
+
+        ``polite``: ask Lava to stop first (False after a failure: terminate).
+        """
+        if self._closed:
+            return []
+        self._closed = True
+        problems = []
+        if self._runtime is not None:
+            problems = shutdown_runtime(self._runtime, polite=polite)
+        self._finalizer.detach()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        return problems
+
+
 class LavaRunner:
     """A compiled, started Lava network; :meth:`run` runs batches of integer inputs."""
 
@@ -504,38 +585,20 @@ class LavaRunner:
         self.graph = graph
         self.cfg = cfg
         self.progress = options.progress
-        self._dir = Path(tempfile.mkdtemp(prefix="csqcfs-lava-", dir=_shm_dir()))
-        self._runtime: Any = None
         self._samples_run = 0
-        self._closed = False
-        self._cleanup = weakref.finalize(self, _cleanup, self._dir, None)
+        workdir = make_workdir()
         try:
             t0 = time.perf_counter()
-            self.network = build_network(graph, cfg, self._dir, slots)
-            t1 = time.perf_counter()
-            run_cfg = Loihi2SimCfg(select_tag="fixed_pt",
-                                   exception_proc_model_map=process_models(self.network))
-            try:
-                executable = self.network.root.compile(run_cfg)
-            except (RuntimeError, ValueError, TypeError, AssertionError, KeyError) as exc:
-                raise BackendUnavailable(f"Lava failed to compile the network "
-                                         f"({type(exc).__name__}: {exc}); {INSTALL_HINT}"
-                                         ) from None
-            t2 = time.perf_counter()
-            with _children_ignore_sigint():
-                try:
-                    self.network.root.create_runtime(executable=executable)
-                finally:
-                    self._runtime = self.network.root.runtime
-                    self._cleanup.detach()
-                    self._cleanup = weakref.finalize(self, _cleanup, self._dir, self._runtime)
-            t3 = time.perf_counter()
+            self.network = build_network(graph, cfg, workdir, slots)
+            build_s = time.perf_counter() - t0
         except BaseException:
-            self.close()
+            shutil.rmtree(workdir, ignore_errors=True)
             raise
-        self.timings = LavaTimings(build_s=t1 - t0, compile_s=t2 - t1, start_s=t3 - t2)
+        self.session = LavaSession(self.network.root, process_models(self.network), workdir)
+        self.timings = LavaTimings(build_s=build_s, compile_s=self.session.compile_s,
+                                   start_s=self.session.start_s)
         self.layout = self.network.layout
-        self._views = _Views.open(self.layout)
+        self._views: _Views | None = _Views.open(self.layout)
 
     @property
     def steps(self) -> int:
@@ -543,8 +606,9 @@ class LavaRunner:
 
     def run(self, x_int: torch.Tensor) -> RunResult:
         """Run inputs (N, *input_shape) and return what the simulator's ``simulate`` returns."""
-        if self._closed:
+        if self.session.closed or self._views is None:
             raise BackendUnavailable("the Lava runner is closed (Lava was stopped)")
+        views = self._views
         graph, cfg = self.graph, self.cfg
         x = _check_input(graph, x_int)
         n = x.shape[0]
@@ -562,12 +626,12 @@ class LavaRunner:
         try:
             for i in range(n):
                 slot = self._samples_run % slots
-                self._views.inputs[slot] = x[i]
-                self._run_steps(steps)
+                views.inputs[slot] = x[i]
+                self.session.run_steps(steps)
                 self._samples_run += 1
-                readout[i] = self._views.readout[slot]
+                readout[i] = views.readout[slot]
                 for la in layers:
-                    view = self._views.layers[la.name]
+                    view = views.layers[la.name]
                     counts[la.name][i] = view["counts"][slot]
                     window[la.name][i] = view["window"][slot]
                     masks[la.name][i] = view["masks"][slot]
@@ -578,34 +642,10 @@ class LavaRunner:
             bar.close()
         return _result(graph, cfg, steps, readout, counts, window, masks, spikes)
 
-    def _run_steps(self, steps: int) -> None:
-        try:
-            self.network.root.run(condition=RunSteps(num_steps=steps, blocking=False))
-            await_run(self._runtime)
-        except LavaProcessFailed as exc:
-            self.close(polite=False)
-            raise BackendUnavailable(f"Lava failed during the run ({exc}); its processes "
-                                     "were stopped") from None
-        except (RuntimeError, ValueError, OSError, EOFError) as exc:
-            self.close(polite=False)
-            raise BackendUnavailable(f"Lava failed during the run ({type(exc).__name__}: "
-                                     f"{exc}); its processes were stopped") from None
-
     def close(self, polite: bool = True) -> list[str]:
-        """Stop Lava's processes and remove the result files; idempotent.
-
-        ``polite``: ask Lava to stop first (False after a failure: terminate).
-        """
-        if self._closed:
-            return []
-        self._closed = True
-        problems = []
-        if self._runtime is not None:
-            problems = shutdown_runtime(self._runtime, polite=polite)
-        self._cleanup.detach()
-        self._views = None  # type: ignore[assignment]
-        shutil.rmtree(self._dir, ignore_errors=True)
-        return problems
+        """Stop Lava's processes and remove the result files; idempotent."""
+        self._views = None
+        return self.session.close(polite=polite)
 
 
 def _cleanup(directory: Path, runtime: Any) -> None:

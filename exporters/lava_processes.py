@@ -369,3 +369,33 @@ class PySpikeDelayModel(PyLoihiProcessModel):
             self.s_out.send(self.history[local - 1 - self.delay])
         else:
             self.s_out.send(np.zeros(self.history.shape[1:], dtype=np.int32))
+
+
+class SpikeRecorder(AbstractProcess):
+    """Writes what it receives each step to ``record`` (SharedArray (slots, S, n), C-major
+    neurons): a probe for processes that are not ours (e.g. lava-dl netx's neurons)."""
+
+    def __init__(self, *, shape: tuple[int, ...], clock: SampleClock, record: SharedArray,
+                 name: str | None = None) -> None:
+        super().__init__(shape=shape, clock=clock, record=record, name=name)
+        self.s_in = InPort(shape=lava_shape(shape))
+
+
+@implements(proc=SpikeRecorder, protocol=LoihiProtocol)
+@requires(CPU)
+@tag("fixed_pt")
+class PySpikeRecorderModel(PyLoihiProcessModel):
+    s_in: PyInPort = LavaPyType(PyInPort.VEC_DENSE, np.int32, precision=24)
+
+    def __init__(self, proc_params) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(proc_params)
+        self.shape: tuple[int, ...] = proc_params["shape"]
+        self.clock: SampleClock = proc_params["clock"]
+        self.record_spec: SharedArray = proc_params["record"]
+        self.record: np.memmap | None = None
+
+    def run_spk(self) -> None:
+        if self.record is None:
+            self.record = self.record_spec.open()
+        local, slot = self.clock.local(self.time_step)
+        self.record[slot, local - 1] = from_lava(self.s_in.recv(), self.shape)

@@ -350,7 +350,7 @@ def test_failure_inside_a_run_stops_every_lava_process(residual_graph: IFGraph,
     children, threads = lava_children(), lava_threads()
     cfg = RunConfig(timesteps=1, schedule="pipelined")
     runner = LavaRunner(residual_graph, cfg, BackendOptions())
-    workdir = runner._dir
+    workdir = runner.session.workdir
     assert lava_children() - children  # Lava's processes are running
     with pytest.raises(BackendUnavailable, match="injected failure") as info:
         runner.run(random_integer_input(residual_graph, 2, seed=0))
