@@ -138,8 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu or cuda (the Norse module's device)")
     p.add_argument("--digits-checkpoint", metavar="FILE",
                    help="a trained digits-cnn checkpoint (default: an untrained one)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads for both back ends (default: torch's)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 8
+        torch.set_num_threads(args.threads)
     try:
         cfg = RunConfig(timesteps=args.timesteps)
         rows = [bench(case, cfg, args.repeats, args.device) for case in make_cases(args)]
