@@ -1,5 +1,5 @@
 """One module per CLI command; each has ``register(subparsers)``."""
 
-from . import convert, demo, export, report, run, train, verify
+from . import convert, demo, export, report, run, sweep, train, verify
 
-COMMANDS = (train, convert, run, export, verify, report, demo)
+COMMANDS = (train, convert, run, sweep, export, verify, report, demo)

@@ -7,7 +7,8 @@ import argparse
 from ..backends import BACKENDS, BackendOptions, default_schedule
 from ..errors import UsageError
 from ..evaluation import evaluate
-from ..schedule import SCHEDULES, RunConfig
+from ..schedule import SCHEDULES, RunConfig, recording_bytes
+from ..simulators.integer import format_bytes
 from .common import (
     add_dataset_args,
     add_json_arg,
@@ -69,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
     out = summary.to_json()
     out["dataset"] = ds_name
     out["profile"] = loaded.graph.meta.profile
+    batch = min(args.batch_size, summary.samples)
+    out["batch_size"] = batch
+    out["recording_bytes_per_batch"] = recording_bytes(loaded.graph, cfg, batch)
     if args.json:
         print_json(out)
         return 0
@@ -84,4 +88,8 @@ def run(args: argparse.Namespace) -> int:
         ["backend", "samples", "accuracy %", "latency steps", "firing rate", "samples/s"],
         [(args.backend, summary.samples, 100 * summary.accuracy, latency,
           summary.firing_rate, summary.throughput)]))
+    con.print(f"recording every spike of every layer (as verify does) would need "
+              f"{format_bytes(out['recording_bytes_per_batch'])} per batch of {batch} "
+              f"({summary.latency_steps} steps x {sum(la.neurons for la in loaded.graph.if_layers)}"
+              f" neurons x {batch} samples, one byte each)")
     return 0
