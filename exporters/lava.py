@@ -107,6 +107,7 @@ CONV_EXACT = 2**23      # PyConvModelFixed wraps its output to 24 signed bits
 DENSE_EXACT = 2**31     # PyDenseModelBitAcc accumulates in int32
 RECORD_BUDGET_BYTES = 256 * 2**20
 MAX_SLOTS = 64
+SAMPLES_PER_RUN = 8     # samples per Lava run call (the progress bar moves in these steps)
 STOP_TIMEOUT_S = 20.0
 
 
@@ -527,6 +528,10 @@ class LavaSession:
             with _children_ignore_sigint():
                 try:
                     root.create_runtime(executable=executable)
+                except (RuntimeError, OSError, ValueError, EOFError) as exc:
+                    raise BackendUnavailable(f"Lava failed to start its processes "
+                                             f"({type(exc).__name__}: {exc}); {INSTALL_HINT}"
+                                             ) from None
                 finally:
                     self._runtime = root.runtime
                     self._finalizer.detach()
@@ -579,9 +584,11 @@ class LavaRunner:
     """A compiled, started Lava network; :meth:`run` runs batches of integer inputs."""
 
     def __init__(self, graph: IFGraph, cfg: RunConfig, options: BackendOptions,
-                 slots: int | None = None) -> None:
+                 slots: int | None = None, samples_per_run: int = SAMPLES_PER_RUN) -> None:
         if options.device != "cpu":
             raise UsageError("the Lava back end simulates on the CPU (--device cpu)")
+        if samples_per_run < 1:
+            raise UsageError(f"samples_per_run must be >= 1, got {samples_per_run}")
         self.graph = graph
         self.cfg = cfg
         self.progress = options.progress
@@ -598,6 +605,9 @@ class LavaRunner:
         self.timings = LavaTimings(build_s=build_s, compile_s=self.session.compile_s,
                                    start_s=self.session.start_s)
         self.layout = self.network.layout
+        # samples per Lava run call: at most one slot each (a slot is reused only after
+        # the host has read it)
+        self.samples_per_run = min(samples_per_run, self.layout.clock.slots)
         self._views: _Views | None = _Views.open(self.layout)
 
     @property
@@ -624,20 +634,23 @@ class LavaRunner:
         bar = tqdm(total=n, desc=f"lava T={cfg.timesteps} P={cfg.presim}", unit="sample",
                    disable=not self.progress, leave=False)
         try:
-            for i in range(n):
-                slot = self._samples_run % slots
-                views.inputs[slot] = x[i]
-                self.session.run_steps(steps)
-                self._samples_run += 1
-                readout[i] = views.readout[slot]
-                for la in layers:
-                    view = views.layers[la.name]
-                    counts[la.name][i] = view["counts"][slot]
-                    window[la.name][i] = view["window"][slot]
-                    masks[la.name][i] = view["masks"][slot]
-                    if spikes is not None:
-                        spikes[la.name][:, i] = view["spikes"][slot]
-                bar.update(1)
+            for first in range(0, n, self.samples_per_run):
+                chunk = range(first, min(n, first + self.samples_per_run))
+                slot_of = {i: (self._samples_run + k) % slots for k, i in enumerate(chunk)}
+                for i, slot in slot_of.items():
+                    views.inputs[slot] = x[i]
+                self.session.run_steps(steps * len(chunk))
+                self._samples_run += len(chunk)
+                for i, slot in slot_of.items():
+                    readout[i] = views.readout[slot]
+                    for la in layers:
+                        view = views.layers[la.name]
+                        counts[la.name][i] = view["counts"][slot]
+                        window[la.name][i] = view["window"][slot]
+                        masks[la.name][i] = view["masks"][slot]
+                        if spikes is not None:
+                            spikes[la.name][:, i] = view["spikes"][slot]
+                bar.update(len(chunk))
         finally:
             bar.close()
         return _result(graph, cfg, steps, readout, counts, window, masks, spikes)

@@ -378,6 +378,25 @@ def test_ctrl_c_during_a_run_stops_every_lava_process(residual_graph: IFGraph) -
     assert lava_children() - children == set()
 
 
+def test_lava_failing_to_start_is_one_line_and_leaves_nothing(residual_graph: IFGraph,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    from lava.magma.runtime.runtime import Runtime
+
+    original = Runtime._build_runtime_services
+
+    def broken(self: Runtime) -> None:
+        original(self)  # Lava's processes are forked by now
+        raise OSError("cannot start the runtime services")
+
+    monkeypatch.setattr(Runtime, "_build_runtime_services", broken)
+    children = lava_children()
+    with pytest.raises(BackendUnavailable, match="failed to start") as info:
+        LavaRunner(residual_graph, RunConfig(1, schedule="pipelined"), BackendOptions())
+    assert "'lava' extra" in str(info.value) and "\n" not in str(info.value)
+    assert lava_children() - children == set()
+
+
 def test_missing_lava_is_one_line_naming_the_extra(residual_graph: IFGraph, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
