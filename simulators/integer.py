@@ -290,6 +290,12 @@ class Simulator:
         fan = float(np.abs(w).reshape(w.shape[0], -1).sum(axis=1).max())
         return fan * window * max_src * self.profile.weight_step <= INT32_MAX
 
+    def _adds_in_place(self, p: ProjectionT, src: _Source) -> bool:
+        """An unpooled, unshifted identity projection on the float kernels: its sums can be
+        added straight into another projection's sums (``addcmul_``: one pass)."""
+        return (isinstance(p, IdentityProjection) and p.pool is None and p.weight_exp == 0
+                and not self._int8_ok(p, src.max_abs))
+
     def _project(self, p: ProjectionT, src: _Source, src_shape: tuple[int, ...],
                  sum_dtype: torch.dtype, rows: int) -> torch.Tensor:
         """``shift(W (*) pool(x), weight_exp)`` for the first ``rows`` rows of the source,
@@ -388,12 +394,18 @@ class Simulator:
             bounds = [(max_abs_output(p, sources[p.src].max_abs), p.weight_exp) for p in projs]
             sum_dtype = sum_dtype_for(name, bounds)
             parts: list[_Part] = []
-            for p in projs:
+            # identity shortcuts last: they can be added in place into a conv's sums
+            for p in sorted(projs, key=lambda q: isinstance(q, IdentityProjection)):
                 src = sources[p.src]
                 constant = p.src == graph.input.name
                 delay = projection_delay(graph, cfg, p.name)
                 rows = n if constant else (steps - delay) * n
-                if rows > 0:
+                same = next((pt for pt in parts if (pt.delay, pt.constant) == (delay, constant)),
+                            None)
+                if rows > 0 and same is not None and self._adds_in_place(p, src):
+                    w = self._weight(p, sum_dtype, graph.node(p.src).shape)
+                    same.sums.addcmul_(src.get(sum_dtype)[:rows], w)  # exact: layer bound
+                elif rows > 0:
                     sums = self._project(p, src, graph.node(p.src).shape, sum_dtype, rows)
                     parts.append(_Part(sums, delay, constant))
                 pending[p.src] -= 1
