@@ -246,9 +246,17 @@ class Simulator:
         self.profile = get_profile(str(graph.meta.profile))
         self._order = graph.topological_order()
         self._weights: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._fan_in: dict[str, float] = {}
         self._consumers = {la.name: len(graph.outgoing(la.name)) for la in graph.layers}
 
     # ---- synaptic operations ---------------------------------------------
+    def _bound(self, p: ProjectionT, max_abs_source: float) -> float:
+        """:func:`~csqcfs_deploy.synapses.max_abs_output`, with the weights' largest
+        fan-in (``sum |W|`` of one output neuron) computed once per projection."""
+        if p.name not in self._fan_in:
+            self._fan_in[p.name] = max_abs_output(p, 1.0)
+        return self._fan_in[p.name] * max_abs_source
+
     def _weight(self, p: ProjectionT, dtype: torch.dtype, src_shape: tuple[int, ...]
                 ) -> torch.Tensor:
         """The weight of ``p`` laid out for the kernel: conv channels-last, dense columns
@@ -391,7 +399,7 @@ class Simulator:
         for name in self._order[1:]:
             layer = self.graph.node(name)
             projs = graph.incoming(name)
-            bounds = [(max_abs_output(p, sources[p.src].max_abs), p.weight_exp) for p in projs]
+            bounds = [(self._bound(p, sources[p.src].max_abs), p.weight_exp) for p in projs]
             sum_dtype = sum_dtype_for(name, bounds)
             parts: list[_Part] = []
             # identity shortcuts last: they can be added in place into a conv's sums
