@@ -115,7 +115,8 @@ def _shifted_bound(bound: float, weight_exp: int) -> float:
     return float(math.ceil(bound / 2.0**-weight_exp))
 
 
-def sum_dtype_for(name: str, projection_bounds: list[tuple[float, int]]) -> torch.dtype:
+def sum_dtype_for(name: str, projection_bounds: list[tuple[float, int]],
+                  float32_ok: bool | None = None) -> torch.dtype:
     """float32 or float64: the dtype in which one layer's synaptic sums are provably exact.
 
     ``projection_bounds``: per incoming projection, (bound of ``|W (*) pool(x)|``,
@@ -124,7 +125,9 @@ def sum_dtype_for(name: str, projection_bounds: list[tuple[float, int]]) -> torc
     """
     raw = max((b for b, _ in projection_bounds), default=0.0)
     need = max(raw, shifted_total(projection_bounds))
-    if need < exact_float_bound(torch.float32) and float32_kernels_exact():
+    if float32_ok is None:
+        float32_ok = float32_kernels_exact()
+    if need < exact_float_bound(torch.float32) and float32_ok:
         return torch.float32
     if need < exact_float_bound(torch.float64):
         return torch.float64
@@ -247,6 +250,7 @@ class Simulator:
         self._order = graph.topological_order()
         self._weights: dict[tuple[str, torch.dtype], torch.Tensor] = {}
         self._fan_in: dict[str, float] = {}
+        self._cache: dict[tuple[object, ...], object] = {}
         self._consumers = {la.name: len(graph.outgoing(la.name)) for la in graph.layers}
 
     # ---- synaptic operations ---------------------------------------------
@@ -387,6 +391,7 @@ class Simulator:
         if cfg.record:
             check_recording_memory(graph, cfg, n)
         x_abs = float(x_int.abs().max()) if x_int.numel() else 0.0
+        float32_ok = float32_kernels_exact()  # PyTorch's precision settings, read per run
         sources: dict[str, _Source] = {
             graph.input.name: _Source(_channels_last(x_int.to(torch.int64)), x_abs)}
         pending = dict(self._consumers)
@@ -400,7 +405,7 @@ class Simulator:
             layer = self.graph.node(name)
             projs = graph.incoming(name)
             bounds = [(self._bound(p, sources[p.src].max_abs), p.weight_exp) for p in projs]
-            sum_dtype = sum_dtype_for(name, bounds)
+            sum_dtype = sum_dtype_for(name, bounds, float32_ok)
             parts: list[_Part] = []
             # identity shortcuts last: they can be added in place into a conv's sums
             for p in sorted(projs, key=lambda q: isinstance(q, IdentityProjection)):
@@ -450,11 +455,7 @@ class Simulator:
                     ) -> LayerArithmetic:
         """The layer's proof from the weights' bound, tightened by this batch's actual
         sums when the weights' bound leaves a wrap, a clamp or a conversion in the scan."""
-        if isinstance(layer, IFLayer):
-            consts = (int(np.abs(layer.bias).max(initial=0)),
-                      int(np.abs(layer.v_init).max(initial=0)), int(layer.v_th.max(initial=0)))
-        else:
-            consts = (int(np.abs(layer.bias).max(initial=0)), 0, 0)
+        consts = self._extremes(layer)
         arith = LayerArithmetic.derive(static_bound, sum_dtype, self.profile, *consts, steps)
         if arith.ideal or not parts:
             return arith
@@ -522,17 +523,10 @@ class Simulator:
         ``b``: boundary step (mask and re-initialisation when P > 0); ``fill``:
         fill-reset step (0: none). ``v = None`` stands for ``v_init`` everywhere.
         """
-        ndim = len(layer.shape) + 1
-        params = IFParams(
-            v_th=_per_channel(layer.v_th, ndim), v_init=_per_channel(layer.v_init, ndim),
-            bias=_per_channel(layer.bias, ndim), reset=layer.reset, profile=self.profile,
-        )
-        c = IFConstants.build(params, arith.state_dtype, arith.clamp)
-        single = self._single_step(parts, params, arith, steps, c)
+        c, bias, start = self._constants(layer, arith.state_dtype, arith.clamp)
+        single = self._single_step(layer, parts, arith, steps, c)
         if single is not None:
             return single
-        bias = params.bias.to(arith.state_dtype)
-        start = (params.bias + params.v_init).to(arith.state_dtype)
         scale = 1 << self.profile.act_shift
         direct = (len(parts) == 1 and not parts[0].constant and not arith.wraps
                   and parts[0].sums.dtype == arith.state_dtype)
@@ -573,7 +567,7 @@ class Simulator:
                 v = None
         return out
 
-    def _single_step(self, parts: list[_Part], params: IFParams, arith: LayerArithmetic,
+    def _single_step(self, layer: IFLayer, parts: list[_Part], arith: LayerArithmetic,
                      steps: int, c: IFConstants) -> torch.Tensor | None:
         """One-step runs (synchronous, T = 1, P = 0) on the float sums directly.
 
@@ -585,16 +579,55 @@ class Simulator:
                 or parts[0].delay != 0:
             return None
         acc = parts[0].sums
-        margin = (params.v_th - (0 if self.profile.strict else 1) - params.bias
-                  - params.v_init)
-        cut = torch.div(margin, 1 << self.profile.act_shift, rounding_mode="floor")
-        limit = exact_float_bound(acc.dtype)
+        key = (layer.name, "cut", acc.dtype)
+        if key not in self._cache:
+            params = self._params(layer)
+            margin = (params.v_th - (0 if self.profile.strict else 1) - params.bias
+                      - params.v_init)
+            cut = torch.div(margin, 1 << self.profile.act_shift, rounding_mode="floor")
+            limit = exact_float_bound(acc.dtype)
+            self._cache[key] = cut.clamp(-limit, limit).to(acc.dtype)
         out = torch.empty_like(acc, dtype=torch.float32)
-        return torch.gt(acc, cut.clamp(-limit, limit).to(acc.dtype), out=out)
+        return torch.gt(acc, self._cache[key], out=out)
+
+    # ---- per-layer constants, built once ---------------------------------------
+    def _params(self, layer: IFLayer) -> IFParams:
+        key = (layer.name, "params")
+        if key not in self._cache:
+            ndim = len(layer.shape) + 1
+            self._cache[key] = IFParams(
+                v_th=_per_channel(layer.v_th, ndim), v_init=_per_channel(layer.v_init, ndim),
+                bias=_per_channel(layer.bias, ndim), reset=layer.reset, profile=self.profile)
+        return self._cache[key]  # type: ignore[return-value]
+
+    def _constants(self, layer: IFLayer, dtype: torch.dtype, clamp: bool
+                   ) -> tuple[IFConstants, torch.Tensor, torch.Tensor]:
+        """The scan's constants in ``dtype``: (IFConstants, bias, bias + v_init)."""
+        key = (layer.name, dtype, clamp)
+        if key not in self._cache:
+            params = self._params(layer)
+            self._cache[key] = (IFConstants.build(params, dtype, clamp), params.bias.to(dtype),
+                                (params.bias + params.v_init).to(dtype))
+        return self._cache[key]  # type: ignore[return-value]
+
+    def _extremes(self, layer: IFLayer | ReadoutLayer) -> tuple[int, int, int]:
+        """(max |bias|, max |v_init|, max v_th) of a layer (0 for a readout's v_init, v_th)."""
+        key = (layer.name, "extremes")
+        if key not in self._cache:
+            b = int(np.abs(layer.bias).max(initial=0))
+            if isinstance(layer, IFLayer):
+                self._cache[key] = (b, int(np.abs(layer.v_init).max(initial=0)),
+                                    int(layer.v_th.max(initial=0)))
+            else:
+                self._cache[key] = (b, 0, 0)
+        return self._cache[key]  # type: ignore[return-value]
 
     def _scan_readout(self, layer: ReadoutLayer, parts: list[_Part], arith: LayerArithmetic,
                       steps: int, n: int, b: int) -> torch.Tensor:
-        bias = _per_channel(layer.bias, 2)
+        key = (layer.name, "bias")
+        if key not in self._cache:
+            self._cache[key] = _per_channel(layer.bias, 2)
+        bias: torch.Tensor = self._cache[key]  # type: ignore[assignment]
         zero = torch.zeros_like(bias)
         v = torch.zeros((n, *layer.shape), dtype=torch.int64)
         wide = dataclasses.replace(arith, state_dtype=torch.int64)
