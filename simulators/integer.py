@@ -15,8 +15,10 @@ since the input is the same every step), then the per-step neuron scan.
 
 Tensor layout: a layer of shape (C, H, W) is held as (S*N, C, H, W) in
 channels-last memory (rows ``t*N .. t*N + N - 1`` are step ``t + 1``), a (F,)
-layer as (S*N, F). Spikes are bool; the results in :class:`RunResult` are
-ordinary contiguous tensors.
+layer as (S*N, F). Spikes are held as float32 0/1 (the next kernel's input).
+In :class:`RunResult`, recorded spikes are contiguous bool (steps, N, *shape),
+masks contiguous bool (N, *shape); the int32 counts keep the channels-last
+layout (compare with ``torch.equal``, flatten with ``reshape``).
 
 Exactness (:class:`LayerArithmetic`, derived per layer and per batch from the
 weights, the input's largest magnitude and the step count):
@@ -31,9 +33,15 @@ weights, the input's largest magnitude and the step count):
 * neuron state: with ``U`` the bound of the current after the profile's shift
   and wrap, ``B = max|bias|`` and ``V0 = max|v_init|``, every membrane obeys
   ``|v_t| <= V0 + t * (U + B)`` (a reset only moves ``v`` towards 0 or back to
-  ``v_init``). The scan runs in int32 when no intermediate can reach 2**31,
-  else in int64, and skips the saturation when that bound stays inside the
-  profile's voltage range.
+  ``v_init``). The scan runs in the sums' own float dtype when every
+  intermediate stays inside its exact-integer range (no conversion at all),
+  else in int32 when none can reach 2**31, else in int64; it skips the wrap
+  and the saturation when they cannot trigger. ``U`` comes from the weights'
+  bound or, when that leaves a wrap, clamp or conversion, from this batch's
+  actual sums (one min/max pass).
+* a one-step run (synchronous, T = 1, P = 0) is a single comparison of the
+  float sums per neuron; the last step of any run skips the reset and, where
+  :attr:`.neurons.IFConstants.final_exact` holds, the clamp.
 """
 
 from __future__ import annotations
