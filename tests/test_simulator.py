@@ -642,7 +642,7 @@ def test_cli_sweep_json_table_and_plot(digits_checkpoint: Path, tmp_path: Path,
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     code, out, _ = run_cli(capsys, "sweep", str(digits_checkpoint), "--timesteps", "1",
                            "--samples", "20", "--profile", "int8")
-    assert code == 0 and "quantized ANN" in out and "SNN accuracy" in out
+    assert code == 0 and "quantized ANN (L=1) %" in out and "SNN %" in out
 
 
 def test_cli_sweep_of_a_graph_file_has_no_float_ann(digits_ifg: Path,

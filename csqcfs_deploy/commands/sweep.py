@@ -180,10 +180,13 @@ def run(args: argparse.Namespace) -> int:
                   else f"{100 * ann.float_ann:.2f} % ({ann.float_source})")
     con.print(f"float ANN {float_text}; quantized ANN (L = {ann.levels}) "
               f"{100 * ann.quantized_ann:.2f} %")
-    con.print(table(title, ["T", "P", "latency steps", "SNN accuracy %",
-                            "quantized ANN %", "firing rate", "samples/s"],
-                    [(r.timesteps, r.presim, r.latency_steps, 100 * r.accuracy,
-                      100 * ann.quantized_ann, r.firing_rate, r.throughput) for r in rows]))
+    float_cell = "n/a" if ann.float_ann is None else 100 * ann.float_ann
+    con.print(table(title, ["T", "P", "latency steps", "float ANN %",
+                            f"quantized ANN (L={ann.levels}) %", "SNN %", "firing rate",
+                            "samples/s"],
+                    [(r.timesteps, r.presim, r.latency_steps, float_cell,
+                      100 * ann.quantized_ann, 100 * r.accuracy, r.firing_rate, r.throughput)
+                     for r in rows]))
     if args.plot is not None:
         con.print(f"wrote {args.plot}")
     return 0
