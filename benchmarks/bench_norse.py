@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from csqcfs_deploy.backends import BackendOptions
@@ -41,7 +40,7 @@ from csqcfs_deploy.quantize import quantize
 from csqcfs_deploy.reference import input_units
 from csqcfs_deploy.schedule import RunConfig, RunResult
 from csqcfs_deploy.simulators.integer import simulate
-from csqcfs_deploy.zoo import arch_spec, build_model
+from csqcfs_deploy.zoo import arch_spec, build_model, randomize_batchnorm
 
 
 @dataclass(frozen=True)
@@ -53,22 +52,10 @@ class Case:
     x_int: torch.Tensor
 
 
-def randomized(model: nn.Module, seed: int) -> nn.Module:
-    """Random batch-norm statistics and affine parameters (an untrained but active network)."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
-            m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.25)
-            m.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.randn(c, generator=gen) * 0.3)
-    return model.eval()
-
 
 def zoo_graph(arch: str, profile: str, encoding, init_threshold: float | None) -> IFGraph:  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
-    model = randomized(build_model(arch, 4, init_threshold=init_threshold), 1)
+    model = randomize_batchnorm(build_model(arch, 4, init_threshold=init_threshold), 1)
     folded = fold(model, arch_spec(arch).input_shape, encoding, arch=arch, num_classes=10)
     return quantize(folded.graph, profile)[0]
 

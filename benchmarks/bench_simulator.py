@@ -53,20 +53,7 @@ from csqcfs_deploy.graph import IFGraph, load_graph, save_graph
 from csqcfs_deploy.quantize import quantize
 from csqcfs_deploy.schedule import RunConfig, RunResult
 from csqcfs_deploy.simulators.integer import Simulator
-from csqcfs_deploy.zoo import arch_spec, build_model
-
-
-def randomize_batchnorm(model: nn.Module, seed: int) -> nn.Module:
-    """Non-trivial random BN statistics and affine parameters (as tests/conftest.py)."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
-            m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.25)
-            m.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.randn(c, generator=gen) * 0.3)
-    return model.eval()
+from csqcfs_deploy.zoo import arch_spec, build_model, randomize_batchnorm
 
 
 def calibrate_thresholds(model: nn.Module, x: torch.Tensor, quantile: float) -> None:

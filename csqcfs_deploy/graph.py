@@ -26,6 +26,7 @@ Every node is a frozen dataclass that validates itself; one registry
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import zipfile
@@ -298,10 +299,15 @@ class Projection(Node):
         if self.pool is not None and not isinstance(self.pool, SumPool):
             raise GraphError(f"projection {self.name}: pool must be a SumPool")
 
-    def fan_in(self) -> np.ndarray:
-        """Per output channel, the sum of |weights| of one output neuron (before pooling)."""
+    @functools.cached_property
+    def max_abs_row_sum(self) -> float:
+        """Largest ``sum |W|`` over the synapses of one output neuron (before pooling).
+
+        Computed once per projection (the node is immutable).
+        """
         w = np.abs(self.weight.astype(np.float64))
-        return w.reshape(w.shape[0], -1).sum(axis=1) if w.ndim > 1 else w
+        rows = w.reshape(w.shape[0], -1).sum(axis=1) if w.ndim > 1 else w
+        return float(rows.max(initial=0.0))
 
 
 @register

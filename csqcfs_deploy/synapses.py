@@ -63,7 +63,7 @@ def apply_weight_exp(acc: torch.Tensor, weight_exp: int) -> torch.Tensor:
 def max_abs_output(p: ProjectionT, max_abs_input: float) -> float:
     """Upper bound of ``|W (*) pool(x)|`` over outputs when ``|x| <= max_abs_input``."""
     window = 1 if p.pool is None else p.pool.window
-    return float(p.fan_in().max(initial=0.0)) * window * max_abs_input
+    return p.max_abs_row_sum * window * max_abs_input
 
 
 def exact_float_bound(dtype: torch.dtype) -> int:

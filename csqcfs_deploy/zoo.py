@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .activations import CSQCFS
@@ -179,6 +180,24 @@ def arch_spec(name: str) -> ArchSpec:
     except KeyError:
         known = ", ".join(sorted(ARCHITECTURES))
         raise UsageError(f"unknown architecture {name!r} (known: {known})") from None
+
+
+def randomize_batchnorm(model: nn.Module, seed: int) -> nn.Module:
+    """Give every BatchNorm non-trivial random statistics and affine parameters.
+
+    For folding studies, tests and benchmarks of untrained networks; returns the
+    model in eval mode.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
+                m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.25)
+                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=gen) * 0.3)
+    return model.eval()
 
 
 def build_model(

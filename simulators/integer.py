@@ -257,17 +257,13 @@ class Simulator:
         self.profile = get_profile(str(graph.meta.profile))
         self._order = graph.topological_order()
         self._weights: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-        self._fan_in: dict[str, float] = {}
         self._cache: dict[tuple[object, ...], object] = {}
         self._consumers = {la.name: len(graph.outgoing(la.name)) for la in graph.layers}
 
     # ---- synaptic operations ---------------------------------------------
     def _bound(self, p: ProjectionT, max_abs_source: float) -> float:
-        """:func:`~csqcfs_deploy.synapses.max_abs_output`, with the weights' largest
-        fan-in (``sum |W|`` of one output neuron) computed once per projection."""
-        if p.name not in self._fan_in:
-            self._fan_in[p.name] = max_abs_output(p, 1.0)
-        return self._fan_in[p.name] * max_abs_source
+        """:func:`~csqcfs_deploy.synapses.max_abs_output` (cheap: the fan-in is cached)."""
+        return max_abs_output(p, max_abs_source)
 
     def _weight(self, p: ProjectionT, dtype: torch.dtype, src_shape: tuple[int, ...]
                 ) -> torch.Tensor:

@@ -16,8 +16,10 @@ from csqcfs_deploy.folding import FoldResult, fold
 from csqcfs_deploy.graph import IFGraph
 from csqcfs_deploy.quantize import quantize
 from csqcfs_deploy.training import TrainOptions, train
+from csqcfs_deploy.zoo import randomize_batchnorm
 
 PROFILE_NAMES = ("loihi2", "int8", "int16")
+__all__ = ["randomize_batchnorm", "random_integer_input"]
 
 
 @pytest.fixture(scope="session")
@@ -50,19 +52,6 @@ def digits_fold(digits_model: tuple[nn.Module, ModelConfig]) -> FoldResult:
 def digits_graphs(digits_fold: FoldResult) -> dict[str, IFGraph]:
     """The trained digits-cnn quantized to every profile."""
     return {name: quantize(digits_fold.graph, name)[0] for name in PROFILE_NAMES}
-
-
-def randomize_batchnorm(model: nn.Module, seed: int) -> nn.Module:
-    """Give every BatchNorm non-trivial random statistics and affine parameters."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
-            m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.25)
-            m.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.randn(c, generator=gen) * 0.3)
-    return model.eval()
 
 
 @pytest.fixture
