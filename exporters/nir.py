@@ -26,7 +26,7 @@ Flavours:
 * ``native`` (default): int64 arrays, per-channel thresholds, ``v_threshold``
   = the IF graph's ``v_th`` (the amount the soft reset subtracts). Reset by
   subtraction, the initial membrane, the comparison, real-unit scales, the
-  profile and the input encoding live in ``metadata`` (see ``docs/nir.md``).
+  profile and the input encoding live in ``metadata`` (see README.md, "NIR export and import").
   Exact at every T, P and schedule for a reader that applies the metadata;
   :func:`nir_to_graph` restores the IF graph exactly.
 * ``portable``: for readers that ignore metadata (NIR semantics: ``v`` starts

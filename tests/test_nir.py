@@ -47,7 +47,7 @@ from csqcfs_deploy.zoo import arch_spec, build_model
 from .conftest import random_integer_input, randomize_batchnorm
 
 PROFILES = ("loihi2", "int8", "int16")
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "nir.md"
+DOCS = Path(__file__).resolve().parents[1] / "README.md"
 
 
 # --------------------------------------------------------------------------- helpers
