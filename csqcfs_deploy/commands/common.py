@@ -88,7 +88,7 @@ def _json_default(value: Any) -> Any:
 def console() -> Console:
     """Console for results on stdout; wide enough for the tables when piped."""
     probe = Console()
-    width = probe.width if probe.is_terminal else 200
+    width = probe.width if probe.is_terminal else 140
     return Console(highlight=False, width=width)
 
 
