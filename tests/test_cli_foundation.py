@@ -180,3 +180,55 @@ def test_bad_input_one_line_nonzero_no_output(case: str, digits_checkpoint: Path
     assert needle in err
     assert not out_file.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.ifg")]
+
+
+def write_fake_cifar(root: Path, per_batch: int, seed: int) -> None:
+    """CIFAR-10's python batches (the real format: pickled dicts of bytes keys)."""
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8),
+                 b"labels": rng.integers(0, 10, size=per_batch).tolist()}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+
+
+def test_cifar10_from_a_local_copy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from csqcfs_deploy.datasets import load_dataset
+
+    write_fake_cifar(tmp_path, 8, 0)
+    ds = load_dataset("cifar10", tmp_path)
+    assert ds.x_train.shape == (40, 3, 32, 32) and ds.x_test.shape == (8, 3, 32, 32)
+    x_int = ds.encoding.to_int(ds.x_test)
+    assert x_int.min() >= -127 and x_int.max() <= 127
+    ckpt = tmp_path / "r20.pt"
+    code, out, err = run_cli(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path),
+                              "--arch", "resnet20", "--levels", "2", "--epochs", "1",
+                              "--batch-size", "16", "--json", "-o", str(ckpt)], capsys)
+    assert code == 0, err
+    assert json.loads(out)["test_samples"] == 8
+    code, _, err = run_cli(["convert", str(ckpt), "--profile", "int8", "--data-dir",
+                            str(tmp_path), "-o", str(tmp_path / "r20.ifg")], capsys)
+    assert code == 0, err
+
+
+def test_cifar_batches_are_unpickled_safely(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+    import pickle
+
+    write_fake_cifar(tmp_path, 2, 1)
+
+    class Evil:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (os.system, ("echo pwned",))
+
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps(Evil()))
+    code, _, err = run_cli(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path),
+                            "--epochs", "1", "-o", str(tmp_path / "x.pt")], capsys)
+    assert code != 0 and "refusing to load" in err and err.count("\n") == 1
+    assert not (tmp_path / "x.pt").exists()
