@@ -29,18 +29,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from csqcfs_deploy.backends import BackendOptions
-from csqcfs_deploy.commands.common import console, print_json, table
-from csqcfs_deploy.datasets import DIGITS_ENCODING, load_digits_dataset
+from csqcfs_deploy.cli.commands.common import console, print_json, table
+from csqcfs_deploy.cli.model_io import load_model
+from csqcfs_deploy.convert.fold import fold
+from csqcfs_deploy.convert.quantize import quantize
 from csqcfs_deploy.errors import CsqcfsError
-from csqcfs_deploy.folding import fold
-from csqcfs_deploy.graph import IFGraph
-from csqcfs_deploy.model_io import load_model
-from csqcfs_deploy.quantize import quantize
-from csqcfs_deploy.reference import input_units
-from csqcfs_deploy.schedule import RunConfig
+from csqcfs_deploy.ir import IFGraph
+from csqcfs_deploy.ir.schedule import RunConfig
+from csqcfs_deploy.run.backends import BackendOptions
+from csqcfs_deploy.run.reference import input_units
 from csqcfs_deploy.simulators.integer import simulate
-from csqcfs_deploy.zoo import build_model
+from csqcfs_deploy.train.datasets import DIGITS_ENCODING, load_digits_dataset
+from csqcfs_deploy.train.zoo import build_model
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def graphs(checkpoint: str | None) -> tuple[IFGraph, IFGraph]:
 
 
 def bench(graph: IFGraph, x: torch.Tensor, timesteps: int, presim: int) -> Row:
-    from csqcfs_deploy.exporters.lava import LavaRunner
+    from csqcfs_deploy.simulators.lava.runner import LavaRunner
 
     cfg = RunConfig(timesteps=timesteps, presim=presim, schedule="pipelined", record=True)
     n = x.shape[0]

@@ -27,20 +27,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from csqcfs_deploy.backends import BackendOptions
-from csqcfs_deploy.commands.common import console, print_json, table
-from csqcfs_deploy.datasets import CIFAR10_ENCODING, DIGITS_ENCODING, load_digits_dataset
+from csqcfs_deploy.cli.commands.common import console, print_json, table
+from csqcfs_deploy.cli.model_io import load_model
+from csqcfs_deploy.convert.fold import fold
+from csqcfs_deploy.convert.quantize import quantize
 from csqcfs_deploy.errors import CsqcfsError, VerificationFailed
-from csqcfs_deploy.exporters.norse import open_runner
-from csqcfs_deploy.folding import fold
-from csqcfs_deploy.graph import IFGraph
-from csqcfs_deploy.model_io import load_model
-from csqcfs_deploy.profiles import PROFILES
-from csqcfs_deploy.quantize import quantize
-from csqcfs_deploy.reference import input_units
-from csqcfs_deploy.schedule import RunConfig, RunResult
+from csqcfs_deploy.ir import IFGraph
+from csqcfs_deploy.ir.profiles import PROFILES
+from csqcfs_deploy.ir.schedule import RunConfig
+from csqcfs_deploy.run.backends import BackendOptions
+from csqcfs_deploy.run.reference import input_units
+from csqcfs_deploy.run.results import RunResult
 from csqcfs_deploy.simulators.integer import simulate
-from csqcfs_deploy.zoo import arch_spec, build_model, randomize_batchnorm
+from csqcfs_deploy.simulators.norse import open_runner
+from csqcfs_deploy.train.datasets import CIFAR10_ENCODING, DIGITS_ENCODING, load_digits_dataset
+from csqcfs_deploy.train.zoo import arch_spec, build_model, randomize_batchnorm
 
 
 @dataclass(frozen=True)

@@ -44,16 +44,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from csqcfs_deploy.activations import CSQCFS
-from csqcfs_deploy.commands.common import console, table
-from csqcfs_deploy.datasets import CIFAR10_ENCODING, load_digits_dataset
+from csqcfs_deploy.cli.commands.common import console, table
+from csqcfs_deploy.convert.fold import fold
+from csqcfs_deploy.convert.quantize import quantize
 from csqcfs_deploy.files import write_text_atomic
-from csqcfs_deploy.folding import fold
-from csqcfs_deploy.graph import IFGraph, load_graph, save_graph
-from csqcfs_deploy.quantize import quantize
-from csqcfs_deploy.schedule import RunConfig, RunResult
+from csqcfs_deploy.ir import IFGraph, load_graph, save_graph
+from csqcfs_deploy.ir.schedule import RunConfig
+from csqcfs_deploy.run.results import RunResult
 from csqcfs_deploy.simulators.integer import Simulator
-from csqcfs_deploy.zoo import arch_spec, build_model, randomize_batchnorm
+from csqcfs_deploy.train.activations import CSQCFS
+from csqcfs_deploy.train.datasets import CIFAR10_ENCODING, load_digits_dataset
+from csqcfs_deploy.train.zoo import arch_spec, build_model, randomize_batchnorm
 
 
 def calibrate_thresholds(model: nn.Module, x: torch.Tensor, quantile: float) -> None:

@@ -32,14 +32,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from csqcfs_deploy.checkpoint import load_checkpoint, save_checkpoint
-from csqcfs_deploy.datasets import load_digits_dataset
+from csqcfs_deploy.convert.fold import fold
+from csqcfs_deploy.convert.quantize import quantize
 from csqcfs_deploy.exporters.nir import read_nir_graph, write_nir_graph
-from csqcfs_deploy.folding import fold
-from csqcfs_deploy.quantize import quantize
-from csqcfs_deploy.schedule import RunConfig
+from csqcfs_deploy.ir.schedule import RunConfig
 from csqcfs_deploy.simulators.integer import simulate
-from csqcfs_deploy.training import TrainOptions, train
+from csqcfs_deploy.train.checkpoint import load_checkpoint, save_checkpoint
+from csqcfs_deploy.train.datasets import load_digits_dataset
+from csqcfs_deploy.train.training import TrainOptions, train
 
 STEPS = (1, 4)
 PROFILES = ("loihi2", "int8", "int16")

@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .errors import InputFileError
+from csqcfs_deploy.errors import InputFileError
 
 
 @contextlib.contextmanager

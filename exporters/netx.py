@@ -47,11 +47,11 @@ from tqdm import tqdm
 
 from csqcfs_deploy.errors import GraphError, InputFileError, QuantizationError
 from csqcfs_deploy.files import require_file, write_atomic
-from csqcfs_deploy.graph import ConvProjection, DenseProjection, IFGraph, IFLayer
-from csqcfs_deploy.lava_compat import import_lava_dl
-from csqcfs_deploy.profiles import get_profile
-from csqcfs_deploy.schedule import RunConfig
+from csqcfs_deploy.ir import ConvProjection, DenseProjection, IFGraph, IFLayer
+from csqcfs_deploy.ir.profiles import get_profile
+from csqcfs_deploy.ir.schedule import RunConfig
 from csqcfs_deploy.simulators.integer import simulate
+from csqcfs_deploy.simulators.lava.compat import import_lava_dl
 
 NETX_ATTR = "csqcfs_netx"
 FORMAT_VERSION = 1
@@ -184,7 +184,7 @@ def _check_dense_weights(name: str, weight: np.ndarray) -> None:
 
 def plan_netx(graph: IFGraph) -> NetxPlan:
     """The netx layers of ``graph`` (loihi2, a chain); raises what cannot be exported."""
-    from .lava import check_lava_graph, lava_projection
+    from csqcfs_deploy.simulators.lava.runner import check_lava_graph, lava_projection
 
     check_lava_graph(graph)
     order = _chain(graph)
@@ -322,14 +322,14 @@ def run_netx(path: str | Path, x_int: torch.Tensor, progress: bool = False) -> N
     import_lava_dl("lava.lib.dl.netx.hdf5")
     from lava.lib.dl.netx import hdf5
 
-    from .lava import LavaSession, _shared, make_workdir
-    from .lava_processes import (
+    from csqcfs_deploy.simulators.lava.processes import (
         GradedInput,
         PyGradedInputModel,
         PySpikeRecorderModel,
         SampleClock,
         SpikeRecorder,
     )
+    from csqcfs_deploy.simulators.lava.runner import LavaSession, _shared, make_workdir
 
     meta = read_netx_plan(path)
     input_shape = tuple(meta["input_shape"])

@@ -59,9 +59,10 @@ import nir
 import numpy as np
 
 from csqcfs_deploy import __version__
+from csqcfs_deploy.convert.quantize import check_profile
 from csqcfs_deploy.errors import GraphError, InputFileError, UsageError
 from csqcfs_deploy.files import require_file, write_atomic
-from csqcfs_deploy.graph import (
+from csqcfs_deploy.ir import (
     ConvProjection,
     DenseProjection,
     GraphMeta,
@@ -73,8 +74,7 @@ from csqcfs_deploy.graph import (
     ReadoutLayer,
     SumPool,
 )
-from csqcfs_deploy.profiles import Profile, get_profile
-from csqcfs_deploy.quantize import check_profile
+from csqcfs_deploy.ir.profiles import Profile, get_profile
 
 NIR_FORMAT = "csqcfs-deploy-nir"
 NIR_FORMAT_VERSION = 1

@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from csqcfs_deploy.backends import BackendOptions
 from csqcfs_deploy.errors import UsageError
-from csqcfs_deploy.graph import IFGraph
-from csqcfs_deploy.schedule import RunConfig, RunResult
-
-from .integer import Simulator
+from csqcfs_deploy.ir import IFGraph
+from csqcfs_deploy.ir.schedule import RunConfig
+from csqcfs_deploy.run.backends import BackendOptions
+from csqcfs_deploy.run.results import RunResult
+from csqcfs_deploy.simulators.integer import Simulator
 
 
 @dataclass

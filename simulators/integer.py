@@ -1,8 +1,8 @@
 """The bit-accurate integer simulator: the golden reference (SPEC section 4).
 
 :func:`simulate` runs one batch of integer inputs through an integer IF graph
-under a :class:`~csqcfs_deploy.schedule.RunConfig`; timing is defined in
-:mod:`csqcfs_deploy.schedule`, the neuron rules in :mod:`.neurons`.
+under a :class:`~csqcfs_deploy.ir.schedule.RunConfig`; timing is defined in
+:mod:`csqcfs_deploy.ir.schedule`, the neuron rules in :mod:`.neurons`.
 :class:`Simulator` does the same with the graph's weights prepared once (what
 the ``int`` back end keeps between batches).
 
@@ -56,7 +56,7 @@ import torch
 from torch.nn import functional as F
 
 from csqcfs_deploy.errors import GraphError, UsageError
-from csqcfs_deploy.graph import (
+from csqcfs_deploy.ir import (
     ConvProjection,
     DenseProjection,
     IdentityProjection,
@@ -65,25 +65,25 @@ from csqcfs_deploy.graph import (
     ProjectionT,
     ReadoutLayer,
 )
-from csqcfs_deploy.profiles import Profile, get_profile
-from csqcfs_deploy.schedule import (
+from csqcfs_deploy.ir.neuron import IFParams, readout_step
+from csqcfs_deploy.ir.profiles import Profile, get_profile
+from csqcfs_deploy.ir.schedule import (
     RunConfig,
-    RunResult,
     boundary,
     fill_reset_step,
     projection_delay,
     recording_bytes,
     total_steps,
 )
-from csqcfs_deploy.synapses import (
+from csqcfs_deploy.ir.synapses import (
     apply_projection,
     apply_weight_exp,
     exact_float_bound,
     max_abs_output,
     sum_pool,
 )
-
-from .neurons import IFConstants, IFParams, if_fire_final, if_fire_reset_, readout_step
+from csqcfs_deploy.run.results import RunResult
+from csqcfs_deploy.simulators.neurons import IFConstants, if_fire_final, if_fire_reset_
 
 SynapseKernel = Literal["auto", "float", "int8"]
 KERNELS: tuple[str, ...] = ("auto", "float", "int8")
@@ -262,7 +262,7 @@ class Simulator:
 
     # ---- synaptic operations ---------------------------------------------
     def _bound(self, p: ProjectionT, max_abs_source: float) -> float:
-        """:func:`~csqcfs_deploy.synapses.max_abs_output` (cheap: the fan-in is cached)."""
+        """:func:`~csqcfs_deploy.ir.synapses.max_abs_output` (cheap: the fan-in is cached)."""
         return max_abs_output(p, max_abs_source)
 
     def _weight(self, p: ProjectionT, dtype: torch.dtype, src_shape: tuple[int, ...]
@@ -722,7 +722,7 @@ def simulate(graph: IFGraph, x_int: torch.Tensor, cfg: RunConfig,
 def reference_simulate(graph: IFGraph, x_int: torch.Tensor, cfg: RunConfig) -> RunResult:
     """The same simulation the plain way: float64 ``apply_projection`` per step and
     :func:`.neurons.if_step` in int64. Slow; the independent check of :class:`Simulator`."""
-    from .neurons import if_step
+    from csqcfs_deploy.ir.neuron import if_step
 
     if not graph.is_integer:
         raise GraphError("the simulator runs quantized graphs")

@@ -10,13 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from csqcfs_deploy.checkpoint import ModelConfig, load_checkpoint, save_checkpoint
-from csqcfs_deploy.datasets import Dataset, load_digits_dataset
-from csqcfs_deploy.folding import FoldResult, fold
-from csqcfs_deploy.graph import IFGraph
-from csqcfs_deploy.quantize import quantize
-from csqcfs_deploy.training import TrainOptions, train
-from csqcfs_deploy.zoo import randomize_batchnorm
+from csqcfs_deploy.convert.fold import FoldResult, fold
+from csqcfs_deploy.convert.quantize import quantize
+from csqcfs_deploy.ir import IFGraph
+from csqcfs_deploy.train.checkpoint import ModelConfig, load_checkpoint, save_checkpoint
+from csqcfs_deploy.train.datasets import Dataset, load_digits_dataset
+from csqcfs_deploy.train.training import TrainOptions, train
+from csqcfs_deploy.train.zoo import randomize_batchnorm
 
 PROFILE_NAMES = ("loihi2", "int8", "int16")
 __all__ = ["randomize_batchnorm", "random_integer_input"]

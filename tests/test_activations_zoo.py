@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from csqcfs_deploy.activations import CSQCFS, QCFS
-from csqcfs_deploy.checkpoint import load_checkpoint
-from csqcfs_deploy.datasets import load_digits_dataset
-from csqcfs_deploy.training import TrainOptions, train
-from csqcfs_deploy.zoo import ARCHITECTURES, build_model
+from csqcfs_deploy.train.activations import CSQCFS, QCFS
+from csqcfs_deploy.train.checkpoint import load_checkpoint
+from csqcfs_deploy.train.datasets import load_digits_dataset
+from csqcfs_deploy.train.training import TrainOptions, train
+from csqcfs_deploy.train.zoo import ARCHITECTURES, build_model
 
 
 def reference_csqcfs(x: np.ndarray, lam: np.ndarray, levels: int, phi: float) -> np.ndarray:

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from csqcfs_deploy.cli import main
-from csqcfs_deploy.graph import load_graph
+from csqcfs_deploy.ir import load_graph
 
 USER_MODELS = textwrap.dedent('''
     import torch
     from torch import nn
-    from csqcfs_deploy.activations import CSQCFS, QCFS
+    from csqcfs_deploy.train.activations import CSQCFS, QCFS
 
 
     class Good(nn.Module):
@@ -198,7 +198,7 @@ def write_fake_cifar(root: Path, per_batch: int, seed: int) -> None:
 
 
 def test_cifar10_from_a_local_copy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from csqcfs_deploy.datasets import load_dataset
+    from csqcfs_deploy.train.datasets import load_dataset
 
     write_fake_cifar(tmp_path, 8, 0)
     ds = load_dataset("cifar10", tmp_path)

@@ -9,19 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from csqcfs_deploy.activations import CSQCFS
-from csqcfs_deploy.capture import capture, evaluate_ann
-from csqcfs_deploy.datasets import CIFAR10_ENCODING, DIGITS_ENCODING, InputEncoding
+from csqcfs_deploy.convert.capture import capture
+from csqcfs_deploy.convert.fold import FOLD_PASSES, MergeBatchNorm, fold, run_passes
 from csqcfs_deploy.errors import GraphError
-from csqcfs_deploy.folding import (
-    FOLD_PASSES,
-    MergeBatchNorm,
-    fold,
-    run_passes,
-)
-from csqcfs_deploy.graph import ConvProjection, DenseProjection, IdentityProjection
-from csqcfs_deploy.reference import ann_forward
-from csqcfs_deploy.zoo import ARCHITECTURES, build_model
+from csqcfs_deploy.ir import ConvProjection, DenseProjection, IdentityProjection, InputEncoding
+from csqcfs_deploy.ir.ann import evaluate_ann
+from csqcfs_deploy.run.reference import ann_forward
+from csqcfs_deploy.train.activations import CSQCFS
+from csqcfs_deploy.train.datasets import CIFAR10_ENCODING, DIGITS_ENCODING
+from csqcfs_deploy.train.zoo import ARCHITECTURES, build_model
 
 from .conftest import randomize_batchnorm
 

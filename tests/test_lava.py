@@ -18,15 +18,11 @@ import pytest
 import torch
 from torch import nn
 
-from csqcfs_deploy.activations import CSQCFS
-from csqcfs_deploy.backends import BackendOptions, open_backend
 from csqcfs_deploy.cli import main
-from csqcfs_deploy.datasets import DIGITS_ENCODING, Dataset
+from csqcfs_deploy.convert.fold import fold
+from csqcfs_deploy.convert.quantize import quantize
 from csqcfs_deploy.errors import BackendUnavailable, GraphError, UsageError
-from csqcfs_deploy.exporters import lava_processes
-from csqcfs_deploy.exporters.lava import LavaRunner, fold_pool, lava_conv_weight
-from csqcfs_deploy.folding import fold
-from csqcfs_deploy.graph import (
+from csqcfs_deploy.ir import (
     ConvProjection,
     DenseProjection,
     IdentityProjection,
@@ -34,13 +30,18 @@ from csqcfs_deploy.graph import (
     SumPool,
     save_graph,
 )
-from csqcfs_deploy.lava_compat import ensure_lava_compat
-from csqcfs_deploy.quantize import quantize
-from csqcfs_deploy.reference import input_units
-from csqcfs_deploy.schedule import RunConfig, RunResult
+from csqcfs_deploy.ir.schedule import RunConfig
+from csqcfs_deploy.ir.synapses import apply_projection
+from csqcfs_deploy.run.backends import BackendOptions, open_backend
+from csqcfs_deploy.run.reference import input_units
+from csqcfs_deploy.run.results import RunResult
 from csqcfs_deploy.simulators.integer import simulate
-from csqcfs_deploy.synapses import apply_projection
-from csqcfs_deploy.zoo import BasicBlock
+from csqcfs_deploy.simulators.lava import processes as lava_processes
+from csqcfs_deploy.simulators.lava.compat import ensure_lava_compat
+from csqcfs_deploy.simulators.lava.runner import LavaRunner, fold_pool, lava_conv_weight
+from csqcfs_deploy.train.activations import CSQCFS
+from csqcfs_deploy.train.datasets import DIGITS_ENCODING, Dataset
+from csqcfs_deploy.train.zoo import BasicBlock
 
 from .conftest import random_integer_input, randomize_batchnorm
 
@@ -152,7 +153,7 @@ def test_lava_imports_on_this_python_through_the_compat_hook(tmp_path: Path) -> 
     Lava through import_lava; without the hook Python 3.11 refuses var_model.py."""
     code = ("from tqdm import tqdm\n"
             "for _ in tqdm(range(2), disable=True): pass\n"
-            "from csqcfs_deploy.lava_compat import import_lava\n"
+            "from csqcfs_deploy.simulators.lava.compat import import_lava\n"
             "import_lava('lava.magma.compiler.var_model')\n"
             "import_lava('lava.magma.runtime.message_infrastructure.multiprocessing')\n"
             "from lava.magma.compiler.var_model import CoreEncoder\n"
@@ -401,7 +402,7 @@ def test_missing_lava_is_one_line_naming_the_extra(residual_graph: IFGraph, tmp_
                                                    monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     for name in list(sys.modules):
-        if name == "lava" or name.startswith(("lava.", "csqcfs_deploy.exporters.lava")):
+        if name == "lava" or name.startswith(("lava.", "csqcfs_deploy.simulators.lava")):
             monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "lava", None)  # import lava -> ImportError
     path = save_graph(residual_graph, tmp_path / "res.ifg")

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from csqcfs_deploy.cli import main
-from csqcfs_deploy.datasets import DIGITS_ENCODING, Dataset
+from csqcfs_deploy.convert.fold import FoldResult, fold
+from csqcfs_deploy.convert.quantize import quantize
 from csqcfs_deploy.errors import GraphError, QuantizationError
 from csqcfs_deploy.exporters.netx import (
     _check_dense_weights,
@@ -21,10 +22,9 @@ from csqcfs_deploy.exporters.netx import (
     read_netx_plan,
     write_netx,
 )
-from csqcfs_deploy.folding import FoldResult, fold
-from csqcfs_deploy.graph import IFGraph, IFLayer, save_graph
-from csqcfs_deploy.quantize import quantize
-from csqcfs_deploy.reference import input_units
+from csqcfs_deploy.ir import IFGraph, IFLayer, save_graph
+from csqcfs_deploy.run.reference import input_units
+from csqcfs_deploy.train.datasets import DIGITS_ENCODING, Dataset
 
 from .conftest import randomize_batchnorm
 from .test_lava import TinyResNet

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from csqcfs_deploy.cli import main
-from csqcfs_deploy.datasets import CIFAR10_ENCODING, Dataset
+from csqcfs_deploy.convert.fold import FoldResult, fold
+from csqcfs_deploy.convert.quantize import quantize
 from csqcfs_deploy.errors import GraphError, InputFileError, UsageError
 from csqcfs_deploy.exporters.nir import (
     NIR_FORMAT,
@@ -24,8 +25,7 @@ from csqcfs_deploy.exporters.nir import (
     read_nir_graph,
     write_nir_graph,
 )
-from csqcfs_deploy.folding import FoldResult, fold
-from csqcfs_deploy.graph import (
+from csqcfs_deploy.ir import (
     NODE_TYPES,
     ConvProjection,
     DenseProjection,
@@ -38,11 +38,11 @@ from csqcfs_deploy.graph import (
     SumPool,
     save_graph,
 )
-from csqcfs_deploy.profiles import get_profile
-from csqcfs_deploy.quantize import quantize
-from csqcfs_deploy.schedule import RunConfig
+from csqcfs_deploy.ir.profiles import get_profile
+from csqcfs_deploy.ir.schedule import RunConfig
 from csqcfs_deploy.simulators.integer import simulate
-from csqcfs_deploy.zoo import arch_spec, build_model
+from csqcfs_deploy.train.datasets import CIFAR10_ENCODING, Dataset
+from csqcfs_deploy.train.zoo import arch_spec, build_model
 
 from .conftest import random_integer_input, randomize_batchnorm
 
@@ -115,7 +115,7 @@ def zoo_graph(cache: dict[str, IFGraph], arch: str, profile: str, per_layer: boo
         model = randomize_batchnorm(build_model(arch, levels), seed=3)
         enc = CIFAR10_ENCODING if spec.input_shape[0] == 3 else None
         if enc is None:
-            from csqcfs_deploy.datasets import load_digits_dataset
+            from csqcfs_deploy.train.datasets import load_digits_dataset
 
             enc = load_digits_dataset().encoding
         cache[arch] = fold(model, spec.input_shape, enc, arch=arch, num_classes=10).graph

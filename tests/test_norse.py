@@ -14,13 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from csqcfs_deploy.backends import BackendOptions, open_backend
 from csqcfs_deploy.cli import main
-from csqcfs_deploy.datasets import CIFAR10_ENCODING, Dataset
+from csqcfs_deploy.convert.fold import FoldResult, fold
+from csqcfs_deploy.convert.quantize import quantize
 from csqcfs_deploy.errors import BackendUnavailable, GraphError, UsageError
-from csqcfs_deploy.exporters import norse as nb
-from csqcfs_deploy.folding import FoldResult, fold
-from csqcfs_deploy.graph import (
+from csqcfs_deploy.ir import (
     ConvProjection,
     DenseProjection,
     GraphMeta,
@@ -33,13 +31,16 @@ from csqcfs_deploy.graph import (
     load_graph,
     save_graph,
 )
-from csqcfs_deploy.profiles import get_profile
-from csqcfs_deploy.quantize import quantize
-from csqcfs_deploy.reference import input_units
-from csqcfs_deploy.schedule import RunConfig, RunResult
+from csqcfs_deploy.ir.profiles import get_profile
+from csqcfs_deploy.ir.schedule import RunConfig
+from csqcfs_deploy.ir.synapses import apply_projection
+from csqcfs_deploy.run.backends import BackendOptions, open_backend
+from csqcfs_deploy.run.reference import input_units
+from csqcfs_deploy.run.results import RunResult
+from csqcfs_deploy.simulators import norse as nb
 from csqcfs_deploy.simulators.integer import simulate
-from csqcfs_deploy.synapses import apply_projection
-from csqcfs_deploy.zoo import arch_spec, build_model
+from csqcfs_deploy.train.datasets import CIFAR10_ENCODING, Dataset
+from csqcfs_deploy.train.zoo import arch_spec, build_model
 
 from .conftest import PROFILE_NAMES, random_integer_input
 

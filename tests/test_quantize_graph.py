@@ -10,10 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from csqcfs_deploy.datasets import CIFAR10_ENCODING
+from csqcfs_deploy.convert.fold import fold
+from csqcfs_deploy.convert.quantize import check_profile, quantize
 from csqcfs_deploy.errors import GraphError, InputFileError, QuantizationError
-from csqcfs_deploy.folding import fold
-from csqcfs_deploy.graph import (
+from csqcfs_deploy.ir import (
     NODE_TYPES,
     ConvProjection,
     DenseProjection,
@@ -29,10 +29,10 @@ from csqcfs_deploy.graph import (
     load_graph,
     save_graph,
 )
-from csqcfs_deploy.profiles import PROFILES
-from csqcfs_deploy.quantize import check_profile, quantize
-from csqcfs_deploy.reference import ann_forward, input_units
-from csqcfs_deploy.zoo import build_model
+from csqcfs_deploy.ir.profiles import PROFILES
+from csqcfs_deploy.run.reference import ann_forward, input_units
+from csqcfs_deploy.train.datasets import CIFAR10_ENCODING
+from csqcfs_deploy.train.zoo import build_model
 
 from .conftest import randomize_batchnorm
 

@@ -14,9 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from csqcfs_deploy.cli import main
-from csqcfs_deploy.datasets import Dataset
 from csqcfs_deploy.errors import GraphError, UsageError
-from csqcfs_deploy.graph import (
+from csqcfs_deploy.ir import (
     ConvProjection,
     DenseProjection,
     GraphMeta,
@@ -29,9 +28,11 @@ from csqcfs_deploy.graph import (
     SumPool,
     save_graph,
 )
-from csqcfs_deploy.profiles import get_profile
-from csqcfs_deploy.reference import ann_forward, input_units
-from csqcfs_deploy.schedule import RunConfig, RunResult, recording_bytes
+from csqcfs_deploy.ir.neuron import IFParams, if_step
+from csqcfs_deploy.ir.profiles import get_profile
+from csqcfs_deploy.ir.schedule import RunConfig, recording_bytes
+from csqcfs_deploy.run.reference import ann_forward, input_units
+from csqcfs_deploy.run.results import RunResult
 from csqcfs_deploy.simulators import integer
 from csqcfs_deploy.simulators.integer import (
     LayerArithmetic,
@@ -41,13 +42,8 @@ from csqcfs_deploy.simulators.integer import (
     simulate,
     sum_dtype_for,
 )
-from csqcfs_deploy.simulators.neurons import (
-    IFConstants,
-    IFParams,
-    if_fire_final,
-    if_fire_reset_,
-    if_step,
-)
+from csqcfs_deploy.simulators.neurons import IFConstants, if_fire_final, if_fire_reset_
+from csqcfs_deploy.train.datasets import Dataset
 
 from .conftest import PROFILE_NAMES
 

@@ -14,16 +14,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from csqcfs_deploy.cli import main
-from csqcfs_deploy.datasets import CIFAR10_ENCODING
-from csqcfs_deploy.energy import (
-    BUILTIN_ENERGY,
-    ActivityCounter,
-    EnergyConstants,
-    estimate,
-    projection_macs,
-)
-from csqcfs_deploy.folding import fold
-from csqcfs_deploy.graph import (
+from csqcfs_deploy.convert.fold import fold
+from csqcfs_deploy.ir import (
     ConvProjection,
     DenseProjection,
     GraphMeta,
@@ -35,12 +27,20 @@ from csqcfs_deploy.graph import (
     ReadoutLayer,
     SumPool,
 )
-from csqcfs_deploy.reference import input_units
-from csqcfs_deploy.schedule import RunConfig
+from csqcfs_deploy.ir.schedule import RunConfig
+from csqcfs_deploy.ir.synapses import sum_pool
+from csqcfs_deploy.report.energy import (
+    BUILTIN_ENERGY,
+    ActivityCounter,
+    EnergyConstants,
+    estimate,
+    projection_macs,
+)
+from csqcfs_deploy.run.reference import input_units
+from csqcfs_deploy.run.verify import verify
 from csqcfs_deploy.simulators.integer import simulate
-from csqcfs_deploy.synapses import sum_pool
-from csqcfs_deploy.verify import verify
-from csqcfs_deploy.zoo import build_model
+from csqcfs_deploy.train.datasets import CIFAR10_ENCODING
+from csqcfs_deploy.train.zoo import build_model
 
 from .conftest import random_integer_input, randomize_batchnorm
 

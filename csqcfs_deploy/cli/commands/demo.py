@@ -1,0 +1,156 @@
+"""``csqcfs-deploy demo``: the whole job on the embedded digits dataset.
+
+train -> convert (loihi2) -> export NIR -> run on int, Lava and Norse ->
+verify spike for spike -> report SOPs and energy, then a short summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from csqcfs_deploy.cli.commands.common import add_json_arg, console, print_json, table
+from csqcfs_deploy.cli.commands.report import make_report, plot_report, print_tables
+from csqcfs_deploy.cli.commands.verify import print_result
+from csqcfs_deploy.cli.model_io import graph_from_network
+from csqcfs_deploy.errors import UsageError
+from csqcfs_deploy.files import write_text_atomic
+from csqcfs_deploy.ir import save_graph
+from csqcfs_deploy.ir.schedule import RunConfig
+from csqcfs_deploy.report.energy import BUILTIN_ENERGY
+from csqcfs_deploy.run.backends import BackendOptions
+from csqcfs_deploy.run.evaluation import EvalSummary, evaluate
+from csqcfs_deploy.run.reference import ann_forward, input_units
+from csqcfs_deploy.run.verify import verify
+from csqcfs_deploy.train.checkpoint import save_checkpoint
+from csqcfs_deploy.train.datasets import load_digits_dataset
+from csqcfs_deploy.train.training import TrainOptions, train
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("demo", help="train -> convert -> export -> run -> verify -> report",
+                       description="The whole job on scikit-learn's digits (embedded, nothing "
+                       "is downloaded): train digits-cnn at L=1, convert to the loihi2 profile, "
+                       "export NIR, run on the integer simulator, Lava and Norse, verify every "
+                       "spike, report SOPs and energy.")
+    p.add_argument("--output-dir", default="demo-output", help="where files go (created)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timesteps", "-T", type=int, default=1)
+    p.add_argument("--presim", "-P", type=int, default=0)
+    p.add_argument("--lava-samples", type=int, default=40,
+                   help="test samples for Lava (slow: about 3 per second); others use all 360")
+    add_json_arg(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.lava_samples < 1 or args.epochs < 1:
+        raise UsageError("--lava-samples and --epochs must be >= 1")
+    start = time.perf_counter()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    con = console()
+    quiet = bool(args.json)
+
+    def say(text: str) -> None:
+        if not quiet:
+            con.print(text)
+
+    files: list[Path] = []
+    ds = load_digits_dataset()
+
+    say("[1/6] train digits-cnn (L = 1) on scikit-learn's digits")
+    trained = train(ds, TrainOptions(epochs=args.epochs, seed=args.seed, progress=not quiet))
+    files.append(save_checkpoint(out / "digits-cnn.pt", trained.model, trained.config))
+    say(f"      test accuracy {100 * trained.test_accuracy:.2f} % in {trained.seconds:.1f} s")
+
+    say("[2/6] fold and quantize to the loihi2 profile")
+    loaded = graph_from_network(trained.model, trained.config, "loihi2", None,
+                                out / "digits-cnn.pt", "checkpoint")
+    graph = loaded.graph
+    files.append(save_graph(graph, out / "digits-cnn.ifg"))
+    float_pred = ann_forward(loaded.fold.graph, input_units(loaded.fold.graph, ds.x_test)  # type: ignore[union-attr]
+                             ).predictions
+    q_pred = ann_forward(graph, input_units(graph, ds.x_test)).predictions
+    say(f"      quantized ANN agrees with the float network on "
+        f"{100 * (float_pred == q_pred).mean():.2f} % of test samples")
+
+    say("[3/6] export NIR (native and portable flavours)")
+    from csqcfs_deploy.exporters.nir import write_nir_graph  # the NIR module is a core part
+
+    files.append(write_nir_graph(graph, out / "digits-cnn.nir", "native"))
+    per_layer = graph_from_network(trained.model, trained.config, "loihi2", False, None,
+                                   "checkpoint").graph
+    files.append(write_nir_graph(per_layer, out / "digits-cnn-portable.nir", "portable"))
+
+    cfg_t, cfg_p = args.timesteps, args.presim
+    say(f"[4/6] run on the back ends (T = {cfg_t}, P = {cfg_p})")
+    runs: dict[str, EvalSummary] = {}
+    for backend, schedule, n in (("int", "synchronous", len(ds.y_test)),
+                                 ("norse", "synchronous", len(ds.y_test)),
+                                 ("lava", "pipelined", args.lava_samples)):
+        cfg = RunConfig(cfg_t, cfg_p, schedule)
+        runs[backend] = evaluate(backend, graph, ds.x_test[:n], ds.y_test[:n], cfg, 128,
+                                 BackendOptions(progress=not quiet), progress=not quiet)
+        r = runs[backend]
+        say(f"      {backend:5s} {schedule:11s} {r.samples:4d} samples: accuracy "
+            f"{100 * r.accuracy:.2f} %, {r.throughput:.1f} samples/s")
+
+    say(f"[5/6] verify every spike: int, Lava, Norse on {args.lava_samples} samples")
+    x = input_units(graph, ds.x_test[: args.lava_samples])
+    verified = verify(graph, x, cfg_t, cfg_p, ["int", "lava", "norse"], batch_size=32,
+                      progress=not quiet)
+    if not quiet:
+        print_result(verified)
+    files.append(write_text_atomic(out / "verify.json",
+                                   json.dumps(verified.to_json(), indent=2) + "\n"))
+
+    say("[6/6] report: SOPs, MACs and energy on the test split")
+    report = make_report(graph, ds.x_test, ds.y_test, RunConfig(cfg_t, cfg_p), list(
+        BUILTIN_ENERGY.values()), str(out / "digits-cnn.ifg"), "digits", progress=not quiet)
+    files.append(write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n"))
+    plot_report(report, str(out / "report.png"))
+    files.append(out / "report.png")
+    if not quiet:
+        print_tables(report)
+
+    seconds = time.perf_counter() - start
+    cmos = next(e for e in report["energy"] if e["name"] == "cmos45")  # type: ignore[union-attr]
+    summary = {
+        "ann_test_accuracy": trained.test_accuracy,
+        "quantized_ann_agreement": float((float_pred == q_pred).mean()),
+        "snn_accuracy": {b: r.accuracy for b, r in runs.items()},
+        "snn_samples": {b: r.samples for b, r in runs.items()},
+        "identical": verified.identical,
+        "verified_samples": len(x),
+        "sops_per_sample": report["totals"]["sops_per_sample"],  # type: ignore[index]
+        "ann_macs_per_sample": report["totals"]["ann_macs_per_sample"],  # type: ignore[index]
+        "energy_ann_over_snn_cmos45": cmos["ann_over_snn"],
+        "timesteps": cfg_t, "presim": cfg_p,
+        "files": [str(f) for f in files],
+        "seconds": round(seconds, 1),
+    }
+    if quiet:
+        print_json(summary)
+        return 0 if verified.identical else 6
+    acc = summary["snn_accuracy"]
+    rows = [
+        ("ANN (float) test accuracy", f"{100 * trained.test_accuracy:.2f} %"),
+        ("quantized ANN agrees with float", f"{100 * summary['quantized_ann_agreement']:.2f} %"),
+        (f"SNN accuracy, int (T={cfg_t}, P={cfg_p})",
+         f"{100 * acc['int']:.2f} % ({runs['int'].samples} samples)"),
+        ("SNN accuracy, norse", f"{100 * acc['norse']:.2f} % ({runs['norse'].samples} samples)"),
+        ("SNN accuracy, lava", f"{100 * acc['lava']:.2f} % ({runs['lava'].samples} samples)"),
+        ("spike for spike identical (int, lava, norse)",
+         f"{'yes' if verified.identical else 'NO'} ({len(x)} samples, every layer and step)"),
+        ("SOPs per sample", f"{summary['sops_per_sample']:.4g}"),
+        ("ANN MACs per sample", f"{summary['ann_macs_per_sample']:.4g}"),
+        ("energy ANN / SNN (45 nm CMOS)", f"{cmos['ann_over_snn']:.2f}x"),
+        ("files written", ", ".join(str(f) for f in files)),
+        ("run time", f"{seconds:.0f} s"),
+    ]
+    con.print(table("demo summary", ["name", "value"], rows, justify_numbers=False))
+    return 0 if verified.identical else 6

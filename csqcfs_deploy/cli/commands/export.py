@@ -1,0 +1,122 @@
+"""``csqcfs-deploy export``: write a deployed network in an exchange or hardware format.
+
+Targets are dispatched through :data:`TARGETS`: one :class:`ExportTarget` per
+``--target`` value names the module and the writer function. A writer is
+called as ``writer(graph, path)`` or, for a target with flavours,
+``writer(graph, path, flavor)``; whatever it returns is printed with ``str()``
+(and, with ``--json``, its ``to_json()`` when it has one). Adding a target is
+adding one entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from csqcfs_deploy.cli.commands.common import (
+    add_dataset_args,
+    add_json_arg,
+    add_model_args,
+    print_json,
+    resolve_model,
+)
+from csqcfs_deploy.errors import BackendUnavailable, UsageError
+from csqcfs_deploy.ir import IFGraph
+
+
+@dataclass(frozen=True)
+class ExportTarget:
+    """One ``--target``: ``module.function(graph, path[, flavor]) -> printable``."""
+
+    name: str
+    module: str
+    function: str
+    description: str
+    flavors: tuple[str, ...] = ()   # empty: the writer takes no flavour
+    install_hint: str = "it is part of csqcfs-deploy"
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.module or not self.function:
+            raise ValueError(f"export target {self.name!r} needs a module and a function")
+
+    def writer(self) -> Any:
+        try:
+            module = importlib.import_module(self.module)
+        except ImportError as exc:
+            raise BackendUnavailable(f"export target {self.name} is unavailable "
+                                     f"({exc.name or exc}): {self.install_hint}") from None
+        return getattr(module, self.function)
+
+
+TARGETS: dict[str, ExportTarget] = {
+    "nir": ExportTarget(
+        "nir", "csqcfs_deploy.exporters.nir", "export_nir",
+        "NIR graph (HDF5); native: exact via metadata, portable: for readers that ignore it",
+        flavors=("native", "portable")),
+    "lava-netx": ExportTarget(
+        "lava-netx", "csqcfs_deploy.exporters.netx", "write_netx",
+        "lava-dl netx HDF5 for Loihi 2 (CUBA, reset to zero: exact at T = 1 without "
+        "pre-simulation; feed-forward chains, loihi2 profile)",
+        install_hint="install the 'lava' extra (make setup does: lava-nc 0.10 with "
+        "--ignore-requires-python, lava-dl 0.6 with --no-deps, h5py)"),
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    targets = "; ".join(f"{t.name}: {t.description}" for t in TARGETS.values())
+    p = sub.add_parser("export", help="write the deployed network as NIR (or another target)",
+                       description="Export MODEL (a checkpoint, folded and quantized first, an "
+                       f"IF graph .ifg or a .nir file) to a target format. Targets: {targets}.")
+    add_model_args(p)
+    add_dataset_args(p)
+    p.add_argument("--target", choices=sorted(TARGETS), default="nir",
+                   help="output format (default nir)")
+    p.add_argument("--flavor", default=None,
+                   help="target flavour (nir: native (default) or portable; portable is exact "
+                   "only at T = 1 without pre-simulation and needs --per-layer-thresholds)")
+    p.add_argument("-o", "--output", required=True, help="file to write")
+    add_json_arg(p)
+    p.set_defaults(func=run)
+
+
+def _flavor(target: ExportTarget, requested: str | None) -> str | None:
+    if not target.flavors:
+        if requested is not None:
+            raise UsageError(f"target {target.name} has no flavours (--flavor {requested})")
+        return None
+    if requested is None:
+        return target.flavors[0]
+    if requested not in target.flavors:
+        raise UsageError(f"target {target.name} has flavours {', '.join(target.flavors)}, "
+                         f"not {requested!r}")
+    return requested
+
+
+def _per_layer(graph: IFGraph) -> bool:
+    return all(np.all(la.v_th == la.v_th[0]) for la in graph.if_layers)
+
+
+def run(args: argparse.Namespace) -> int:
+    target = TARGETS[args.target]
+    flavor = _flavor(target, args.flavor)
+    writer = target.writer()
+    loaded = resolve_model(args)
+    if args.per_layer_thresholds and loaded.report is None and not _per_layer(loaded.graph):
+        raise UsageError(f"{args.model} is already quantized with per-channel thresholds; "
+                         "--per-layer-thresholds needs a checkpoint to convert")
+    out = Path(args.output)
+    result = writer(loaded.graph, out) if flavor is None else writer(loaded.graph, out, flavor)
+    if args.json:
+        data = result.to_json() if hasattr(result, "to_json") else {"result": str(result)}
+        data.setdefault("target", target.name)
+        data.setdefault("output", str(out))
+        data["model"] = str(args.model) if args.model else args.user_model
+        print_json(data)
+    else:
+        print(str(result))
+    return 0

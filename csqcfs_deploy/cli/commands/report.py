@@ -1,0 +1,215 @@
+"""``csqcfs-deploy report``: per-layer spikes, SOPs, MACs and energy of the deployed network.
+
+The JSON report (``--json FILE``, or ``--json`` alone for stdout) has the
+schema :data:`REPORT_SCHEMA_VERSION` documented in the README::
+
+    {"schema": "csqcfs-deploy-report/1", "model": str, "profile": str,
+     "dataset": str, "samples": int, "timesteps": int, "presim": int,
+     "schedule": str, "latency_steps": int, "steps_simulated": int,
+     "accuracy": float,
+     "layers": [{"name", "kind", "neurons", "spikes", "firing_rate", "sops",
+                 "input_macs", "input_graded_sops", "ann_macs"}],
+     "totals": {"neurons", "spikes", "firing_rate", "sops", "input_macs",
+                "ann_macs_per_sample", "sops_per_sample"},
+     "energy": [{"name", "source", "constants", "snn_pj_per_sample",
+                 "ann_pj_per_sample", "ann_over_snn"}]}
+
+Counts are over all samples and all simulated steps (``steps_simulated``:
+P + T, plus the pipeline depth when pipelined), except ``ann_macs`` (one
+forward pass per sample, per layer) and the ``*_per_sample`` totals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from csqcfs_deploy.cli.commands.common import (
+    add_dataset_args,
+    add_model_args,
+    console,
+    print_json,
+    resolve_model,
+    table,
+)
+from csqcfs_deploy.cli.commands.run import add_run_args, split
+from csqcfs_deploy.errors import UsageError
+from csqcfs_deploy.files import write_atomic, write_text_atomic
+from csqcfs_deploy.ir import IFGraph
+from csqcfs_deploy.ir.schedule import SCHEDULES, RunConfig, latency_steps, total_steps
+from csqcfs_deploy.report.energy import ActivityCounter, EnergyConstants, estimate, resolve_energy
+from csqcfs_deploy.run.reference import input_units
+from csqcfs_deploy.simulators.integer import simulate
+
+REPORT_SCHEMA_VERSION = "csqcfs-deploy-report/1"
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("report", help="SOPs, MACs, firing rates and energy per layer",
+                       description="Run the integer simulator and report, per layer, neurons, "
+                       "spikes, firing rate, synaptic operations (exact fan-outs from the "
+                       "graph), the ANN's MACs, and energy under named constant sets.")
+    add_model_args(p)
+    add_dataset_args(p)
+    add_run_args(p)
+    p.add_argument("--schedule", choices=SCHEDULES, default="synchronous")
+    p.add_argument("--energy", default="cmos45,loihi",
+                   help="comma-separated constant sets: cmos45, loihi, or a JSON file "
+                        "{name, source, sop_pj, mac_pj?, neuron_active_pj?, "
+                        "neuron_inactive_pj?} (default: cmos45,loihi)")
+    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                   help="write the JSON report to FILE (or stdout with no FILE)")
+    p.add_argument("--plot", metavar="FILE.png", help="write a PNG: firing rates, SOPs vs "
+                                                      "MACs, energy")
+    p.set_defaults(func=run)
+
+
+def build_report(args: argparse.Namespace) -> dict[str, object]:
+    energy_sets = resolve_energy(args.energy)
+    loaded = resolve_model(args)
+    raw, labels, ds_name = split(args, loaded)
+    cfg = RunConfig(timesteps=args.timesteps, presim=args.presim, schedule=args.schedule)
+    return make_report(loaded.graph, raw, labels, cfg, energy_sets,
+                       str(args.model or args.user_model), ds_name, args.batch_size,
+                       progress=args.json != "-")
+
+
+def make_report(graph: IFGraph, raw: np.ndarray, labels: np.ndarray, cfg: RunConfig,
+                energy_sets: list[EnergyConstants], model_name: str, dataset: str,
+                batch_size: int = 128, progress: bool = True) -> dict[str, object]:
+    """Simulate ``raw`` samples with the integer simulator and build the JSON report."""
+    steps = total_steps(graph, cfg)
+    x_all = input_units(graph, raw)
+    counter = ActivityCounter(graph, steps)
+    correct = 0
+    bar = tqdm(total=len(x_all), desc="report", unit="sample", disable=not progress,
+               leave=False)
+    for i in range(0, len(x_all), batch_size):
+        x = x_all[i : i + batch_size]
+        result = simulate(graph, x, cfg)
+        counter.add(result.spike_counts, x)
+        correct += int((result.predictions == labels[i : i + len(x)]).sum())
+        bar.update(len(x))
+    bar.close()
+    activity = counter.activity()
+    estimates = [estimate(activity, c) for c in energy_sets]
+    neurons = sum(la.neurons for la in activity.layers if la.kind != "readout")
+    n = activity.samples
+    return {
+        "schema": REPORT_SCHEMA_VERSION,
+        "model": model_name,
+        "profile": graph.meta.profile,
+        "dataset": dataset,
+        "samples": n,
+        "timesteps": cfg.timesteps,
+        "presim": cfg.presim,
+        "schedule": cfg.schedule,
+        "latency_steps": latency_steps(graph, cfg),
+        "steps_simulated": steps,
+        "accuracy": correct / n,
+        "layers": [la.to_json() for la in activity.layers],
+        "totals": {
+            "neurons": neurons,
+            "spikes": activity.spikes,
+            "firing_rate": activity.spikes / (neurons * steps * n),
+            "sops": activity.sops,
+            "input_macs": activity.input_macs,
+            "sops_per_sample": activity.sops / n,
+            "ann_macs_per_sample": activity.ann_macs / n,
+        },
+        "energy": [e.to_json() for e in estimates],
+    }
+
+
+def plot_report(report: dict[str, object], path: str) -> None:
+    """Firing rate per layer, SOPs vs ANN MACs per layer, and the energy comparison."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = [la for la in report["layers"]]  # type: ignore[union-attr]
+    names = [la["name"] for la in layers]  # type: ignore[index]
+    n = int(report["samples"])  # type: ignore[call-overload]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    x = np.arange(len(names))
+    axes[0].bar(x, [la["firing_rate"] for la in layers], color="tab:blue")  # type: ignore[index]
+    axes[0].set_title("firing rate (spikes / neuron / step)")
+    sops = [la["sops"] / n for la in layers]  # type: ignore[index]
+    macs = [la["ann_macs"] for la in layers]  # type: ignore[index]
+    first = [la["input_macs"] / n for la in layers]  # type: ignore[index]
+    axes[1].bar(x - 0.27, macs, 0.27, label="ANN MACs")
+    axes[1].bar(x, sops, 0.27, label="SNN SOPs")
+    axes[1].bar(x + 0.27, first, 0.27, label="SNN MACs (analog input)")
+    axes[1].set_yscale("symlog")
+    axes[1].set_title("operations per sample")
+    axes[1].legend(fontsize=8, loc="lower left")
+    for ax in axes[:2]:
+        ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
+    energy = report["energy"]  # type: ignore[assignment]
+    labels, values, colors = [], [], []
+    for e in energy:  # type: ignore[union-attr]
+        labels.append(f"{e['name']}\nSNN")
+        values.append(e["snn_pj_per_sample"] / 1e6)
+        colors.append("tab:green")
+        if e["ann_pj_per_sample"] is not None:
+            labels.append(f"{e['name']}\nANN")
+            values.append(e["ann_pj_per_sample"] / 1e6)
+            colors.append("tab:red")
+    axes[2].bar(range(len(values)), values, color=colors)
+    axes[2].set_xticks(range(len(values)), labels, fontsize=8)
+    axes[2].set_yscale("log")
+    axes[2].set_title("energy per sample (uJ, log scale)")
+    fig.suptitle(f"{report['model']} - profile {report['profile']}, T={report['timesteps']}, "
+                 f"P={report['presim']}, {report['samples']} samples", fontsize=10)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.plot is not None and not str(args.plot).lower().endswith(".png"):
+        raise UsageError(f"--plot must name a .png file, got {args.plot}")
+    report = build_report(args)
+    if args.plot:
+        plot_report(report, args.plot)
+    if args.json == "-":
+        print_json(report)
+        return 0
+    if args.json:
+        write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
+    print_tables(report)
+    for path in (args.json, args.plot):
+        if path:
+            console().print(f"wrote {Path(path)}")
+    return 0
+
+
+def print_tables(report: dict[str, object]) -> None:
+    con = console()
+    n = int(report["samples"])  # type: ignore[call-overload]
+    rows = [(la["name"], la["kind"], la["neurons"], la["spikes"] / n, la["firing_rate"],
+             la["sops"] / n, la["input_macs"] / n, la["ann_macs"])
+            for la in report["layers"]]  # type: ignore[union-attr]
+    tot = report["totals"]
+    rows.append(("total", "", tot["neurons"], tot["spikes"] / n, tot["firing_rate"],  # type: ignore[index]
+                 tot["sops_per_sample"], tot["input_macs"] / n,  # type: ignore[index]
+                 tot["ann_macs_per_sample"]))  # type: ignore[index]
+    con.print(table(
+        f"activity per sample: profile {report['profile']}, {report['schedule']}, "
+        f"T={report['timesteps']}, P={report['presim']}, latency {report['latency_steps']} "
+        f"steps, {n} samples, accuracy {100 * float(report['accuracy']):.2f} %",  # type: ignore[arg-type]
+        ["layer", "kind", "neurons", "spikes", "rate/neuron/step", "SOPs", "MACs (input)",
+         "ANN MACs"], rows))
+    erows = []
+    for e in report["energy"]:  # type: ignore[union-attr]
+        ratio = e["ann_over_snn"]
+        erows.append((e["name"], e["snn_pj_per_sample"] / 1e6,
+                      "n/a" if e["ann_pj_per_sample"] is None else e["ann_pj_per_sample"] / 1e6,
+                      "n/a" if ratio is None else f"{ratio:.2f}x", e["source"]))
+    con.print(table("energy per sample", ["name", "SNN uJ", "ANN uJ", "ANN/SNN", "source"],
+                    erows))

@@ -1,0 +1,95 @@
+"""``csqcfs-deploy run``: run a deployed network on a back end and report accuracy."""
+
+from __future__ import annotations
+
+import argparse
+
+from csqcfs_deploy.cli.commands.common import (
+    add_dataset_args,
+    add_json_arg,
+    add_model_args,
+    console,
+    print_json,
+    resolve_dataset,
+    resolve_model,
+    table,
+)
+from csqcfs_deploy.errors import UsageError
+from csqcfs_deploy.ir.schedule import SCHEDULES, RunConfig, recording_bytes
+from csqcfs_deploy.run.backends import BACKENDS, BackendOptions, default_schedule
+from csqcfs_deploy.run.evaluation import evaluate
+from csqcfs_deploy.simulators.integer import format_bytes
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--timesteps", "-T", type=int, default=1, help="counted steps T")
+    p.add_argument("--presim", "-P", type=int, default=0,
+                   help="pre-simulation steps P (SRP; outputs discarded)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="first N samples of the test split (default all)")
+    p.add_argument("--batch-size", type=int, default=128)
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("run", help="run the deployed network on a back end",
+                       description="Run the IF graph on a back end (int: the integer simulator, "
+                       "lava, norse) and print accuracy, latency, firing rate and throughput.")
+    add_model_args(p)
+    add_dataset_args(p)
+    p.add_argument("--backend", choices=sorted(BACKENDS), default="int")
+    add_run_args(p)
+    p.add_argument("--schedule", choices=SCHEDULES, default=None,
+                   help="default: the back end's own (int: synchronous, lava: pipelined)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (norse)")
+    add_json_arg(p)
+    p.set_defaults(func=run)
+
+
+def split(args: argparse.Namespace, loaded) -> tuple:  # type: ignore[no-untyped-def]
+    """The test samples to run: (raw, labels, dataset name)."""
+    ds = resolve_dataset(args, loaded)
+    if ds.input_shape != loaded.graph.input.shape:
+        raise UsageError(f"dataset {ds.name} has inputs {ds.input_shape}, the model takes "
+                         f"{loaded.graph.input.shape}")
+    n = len(ds.y_test) if args.samples is None else args.samples
+    if n < 1:
+        raise UsageError(f"--samples must be >= 1, got {n}")
+    return ds.x_test[:n], ds.y_test[:n], ds.name
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    loaded = resolve_model(args)
+    raw, labels, ds_name = split(args, loaded)
+    schedule = args.schedule or default_schedule(args.backend)
+    cfg = RunConfig(timesteps=args.timesteps, presim=args.presim, schedule=schedule)
+    summary = evaluate(args.backend, loaded.graph, raw, labels, cfg, args.batch_size,
+                       BackendOptions(device=args.device, progress=not args.json),
+                       progress=not args.json)
+    out = summary.to_json()
+    out["dataset"] = ds_name
+    out["profile"] = loaded.graph.meta.profile
+    batch = min(args.batch_size, summary.samples)
+    out["batch_size"] = batch
+    out["recording_bytes_per_batch"] = recording_bytes(loaded.graph, cfg, batch)
+    if args.json:
+        print_json(out)
+        return 0
+    con = console()
+    latency = f"{summary.latency_steps}"
+    if summary.pipeline_depth:
+        latency += (f" (P {summary.presim} + T {summary.timesteps} + pipeline depth "
+                    f"{summary.pipeline_depth})")
+    else:
+        latency += f" (P {summary.presim} + T {summary.timesteps})"
+    con.print(table(
+        f"{args.backend} back end, {schedule} schedule, profile {loaded.graph.meta.profile}",
+        ["backend", "samples", "accuracy %", "latency steps", "firing rate", "samples/s"],
+        [(args.backend, summary.samples, 100 * summary.accuracy, latency,
+          summary.firing_rate, summary.throughput)]))
+    con.print(f"recording every spike of every layer (as verify does) would need "
+              f"{format_bytes(out['recording_bytes_per_batch'])} per batch of {batch} "
+              f"({summary.latency_steps} steps x {sum(la.neurons for la in loaded.graph.if_layers)}"
+              f" neurons x {batch} samples, one byte each)")
+    return 0

@@ -1,0 +1,61 @@
+"""``csqcfs-deploy train``: train a CS-QCFS network on the embedded digits or local CIFAR-10."""
+
+from __future__ import annotations
+
+import argparse
+
+from csqcfs_deploy.cli.commands.common import add_json_arg, console, print_json
+from csqcfs_deploy.errors import UsageError
+from csqcfs_deploy.train.checkpoint import save_checkpoint
+from csqcfs_deploy.train.datasets import DATASETS, load_dataset
+from csqcfs_deploy.train.training import TrainOptions, train
+from csqcfs_deploy.train.zoo import ARCHITECTURES
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("train", help="train a CS-QCFS network",
+                       description="Train a CS-QCFS network and save a checkpoint. digits is "
+                       "scikit-learn's load_digits with a fixed stratified 80/20 split (seed 0).")
+    p.add_argument("--dataset", choices=DATASETS, default="digits")
+    p.add_argument("--data-dir", metavar="DIR", help="local CIFAR-10 copy (never downloaded)")
+    p.add_argument("--arch", choices=sorted(ARCHITECTURES), default=None,
+                   help="architecture (default: digits-cnn for digits, resnet20 for cifar10)")
+    p.add_argument("--levels", type=int, default=1, help="quantization levels L (default 1)")
+    p.add_argument("--phi", type=float, default=0.5)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", required=True, help="checkpoint to write")
+    add_json_arg(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.levels < 1:
+        raise UsageError(f"--levels must be >= 1, got {args.levels}")
+    if args.epochs < 1:
+        raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
+    dataset = load_dataset(args.dataset, args.data_dir)
+    arch = args.arch or ("digits-cnn" if args.dataset == "digits" else "resnet20")
+    options = TrainOptions(arch=arch, levels=args.levels, phi=args.phi, epochs=args.epochs,
+                           batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                           progress=not args.json)
+    result = train(dataset, options)
+    save_checkpoint(args.output, result.model, result.config)
+    summary = {
+        "test_accuracy": result.test_accuracy, "train_accuracy": result.train_accuracy,
+        "seconds": round(result.seconds, 2), "epochs": result.epochs, "arch": arch,
+        "levels": args.levels, "dataset": args.dataset, "seed": args.seed,
+        "test_samples": int(len(dataset.y_test)), "output": args.output,
+    }
+    if args.json:
+        print_json(summary)
+    else:
+        console().print(
+            f"trained {arch} (L={args.levels}) on {args.dataset} in {result.seconds:.1f} s: "
+            f"test accuracy {100 * result.test_accuracy:.2f} % on {len(dataset.y_test)} "
+            f"held-out samples (train {100 * result.train_accuracy:.2f} %)\n"
+            f"wrote {args.output}"
+        )
+    return 0

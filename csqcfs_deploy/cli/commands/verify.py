@@ -1,0 +1,95 @@
+"""``csqcfs-deploy verify``: prove every back end spikes exactly like the integer simulator."""
+
+from __future__ import annotations
+
+import argparse
+
+from csqcfs_deploy.cli.commands.common import (
+    add_dataset_args,
+    add_json_arg,
+    add_model_args,
+    console,
+    print_json,
+    resolve_model,
+    table,
+)
+from csqcfs_deploy.cli.commands.run import add_run_args, split
+from csqcfs_deploy.errors import UsageError, VerificationFailed
+from csqcfs_deploy.run.backends import BACKENDS, BackendOptions
+from csqcfs_deploy.run.reference import input_units
+from csqcfs_deploy.run.verify import VerifyResult, verify
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("verify", help="compare every spike of every back end",
+                       description="Run the back ends on the same integer inputs, each under "
+                       "its schedule, and compare every layer's spikes at every step with the "
+                       "integer simulator (which runs both schedules). Exit 0 only when "
+                       "everything agrees.")
+    add_model_args(p)
+    add_dataset_args(p)
+    p.add_argument("--backends", default="int,lava,norse",
+                   help="comma-separated back ends (default int,lava,norse)")
+    add_run_args(p)
+    p.add_argument("--device", default="cpu", help="device for norse (cpu or cuda)")
+    add_json_arg(p)
+    p.set_defaults(func=run, batch_size=32)
+
+
+def parse_backends(text: str) -> list[str]:
+    names = [b.strip() for b in text.split(",") if b.strip()]
+    unknown = [b for b in names if b not in BACKENDS]
+    if unknown or not names:
+        raise UsageError(f"unknown backend(s) {', '.join(unknown) or '(none)'}; known: "
+                         f"{', '.join(BACKENDS)}")
+    return names
+
+
+def print_result(result: VerifyResult) -> None:
+    con = console()
+    cols = ["layer", "neurons", "spikes (int)"] + [c.name for c in result.comparisons]
+    rows = []
+    names = list(result.layer_neurons) + [n for c in result.comparisons for n in c.compared
+                                          if n not in result.layer_neurons][:1]
+    for name in names:
+        row: list[object] = [name, result.layer_neurons.get(name, "readout"),
+                             result.layer_spikes.get(name, "-")]
+        for c in result.comparisons:
+            row.append(f"{c.mismatches.get(name, 0)} / {c.compared.get(name, 0)}"
+                       if name in c.compared else "-")
+        rows.append(row)
+    con.print(table("mismatches / values compared (spikes at every step; the readout's final "
+                    "membrane)", cols, rows))
+    for c in result.comparisons:
+        status = "identical" if c.total_mismatches == 0 else f"{c.total_mismatches} MISMATCHES"
+        con.print(f"{c.name}: {c.samples} samples x {len(c.compared)} layers x {c.steps} steps, "
+                  f"{c.total_compared} values compared: {status}")
+    for name, why in result.skipped.items():
+        con.print(f"{name}: not compared ({why})")
+    first = result.first_mismatch
+    if first is not None:
+        con.print(f"first mismatch: {first.describe()}")
+    con.print("IDENTICAL: every compared spike agrees" if result.identical
+              else "NOT IDENTICAL")
+
+
+def run(args: argparse.Namespace) -> int:
+    backends = parse_backends(args.backends)
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    loaded = resolve_model(args)
+    raw, _, ds_name = split(args, loaded)
+    x = input_units(loaded.graph, raw)
+    result = verify(loaded.graph, x, args.timesteps, args.presim, backends, args.batch_size,
+                    BackendOptions(device=args.device, progress=False),
+                    progress=not args.json)
+    if args.json:
+        out = result.to_json()
+        out["dataset"] = ds_name
+        out["samples"] = len(x)
+        out["timesteps"] = args.timesteps
+        out["presim"] = args.presim
+        print_json(out)
+    else:
+        print_result(result)
+    return 0 if result.identical else VerificationFailed.exit_code

@@ -1,5 +1,0 @@
-"""One module per CLI command; each has ``register(subparsers)``."""
-
-from . import convert, demo, export, report, run, sweep, train, verify
-
-COMMANDS = (train, convert, run, sweep, export, verify, report, demo)

@@ -1,0 +1,276 @@
+"""Integer quantization of a float IF graph to a hardware profile (SPEC sections 3, 5).
+
+For every neuron group ``j`` the real synapses ``W`` (in units of ``j``'s
+threshold per source spike, or per integer input unit for the first layer)
+are scaled by an integer ``K_c`` per output channel (one ``K`` per layer when
+the profile, or the user, asks for per-layer thresholds)::
+
+    K_c     = min(floor(weight_max / max|W[c]|), threshold_mant_max, bias limit)
+    W_int   = round(W * K_c)                   (loihi2: 2 * round(W * K_c / 2))
+    v_th    = K_c << act_shift                 (membrane units)
+    bias    = nearest representable(b_c * v_th)
+    v_init  = round(phi * v_th) (+1 when the profile fires on v > v_th, so that
+              v > v_th happens exactly when the ANN's floor(x + phi) >= 1)
+
+The readout takes one ``K`` for all classes (argmax must not change) and
+``scale = 1 / (K << act_shift)``. A value that cannot fit raises a
+:class:`QuantizationError` naming the layer, the value and the limit; a
+threshold lowered so that a bias fits is reported as a rescale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from csqcfs_deploy.errors import QuantizationError
+from csqcfs_deploy.ir import (
+    ConvProjection,
+    DenseProjection,
+    IFGraph,
+    IFLayer,
+    InputLayer,
+    ProjectionT,
+    ReadoutLayer,
+)
+from csqcfs_deploy.ir.profiles import Profile, get_profile
+from csqcfs_deploy.ir.synapses import max_abs_output
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One row of the conversion table."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    neurons: int
+    weight_bits_used: int
+    threshold_min: int
+    threshold_max: int
+    scale: float            # real value of one membrane unit (per threshold: lambda / v_th)
+    quant_error: float      # ||W_int / K - W|| / ||W|| over incoming synapses
+    max_step_input: int     # bound on |current| in one step (membrane units)
+    notes: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name, "kind": self.kind, "shape": list(self.shape),
+            "neurons": self.neurons, "weight_bits_used": self.weight_bits_used,
+            "threshold_min": self.threshold_min, "threshold_max": self.threshold_max,
+            "scale": self.scale, "quant_error": self.quant_error,
+            "max_step_input": self.max_step_input, "notes": list(self.notes),
+        }
+
+
+@dataclass(frozen=True)
+class QuantReport:
+    profile: str
+    per_channel: bool
+    layers: tuple[LayerReport, ...]
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_json(self) -> dict[str, object]:
+        return {"profile": self.profile, "per_channel_thresholds": self.per_channel,
+                "layers": [la.to_json() for la in self.layers], "warnings": list(self.warnings)}
+
+
+def signed_bits(max_abs: float) -> int:
+    """Bits of a signed integer that holds magnitudes up to ``max_abs``."""
+    return int(math.ceil(math.log2(max_abs + 1))) + 1 if max_abs > 0 else 1
+
+
+def _row_max(p: ProjectionT, w: np.ndarray) -> np.ndarray:
+    a = np.abs(w)
+    return a.reshape(a.shape[0], -1).max(axis=1) if a.ndim > 1 else a
+
+
+def _round_weights(w: np.ndarray, k: np.ndarray, profile: Profile) -> np.ndarray:
+    shape = (-1,) + (1,) * (w.ndim - 1)
+    step = profile.weight_step
+    return (np.rint(w * k.reshape(shape) / step) * step).astype(np.int64)
+
+
+def _kind(p: ProjectionT) -> str:
+    if isinstance(p, ConvProjection):
+        return "conv"
+    if isinstance(p, DenseProjection):
+        return "dense"
+    return "identity"
+
+
+def quantize(graph: IFGraph, profile: Profile | str, per_channel: bool | None = None
+             ) -> tuple[IFGraph, QuantReport]:
+    """Quantize a float IF graph; returns the integer graph and the per-layer report."""
+    prof = get_profile(profile) if isinstance(profile, str) else profile
+    if graph.is_integer:
+        raise QuantizationError("graph is already quantized (profile "
+                                f"{graph.meta.profile}); convert from the float model")
+    if per_channel is None:
+        per_channel = prof.per_channel_threshold
+    elif per_channel and not prof.per_channel_threshold:
+        raise QuantizationError(f"profile {prof.name} allows one threshold per layer only")
+    enc = graph.input.encoding
+    if enc.bits > prof.input_bits:
+        raise QuantizationError(f"input encoding uses {enc.bits} bits; profile {prof.name} "
+                                f"takes at most {prof.input_bits}-bit input")
+    in_scale = enc.scale
+    unit = prof.threshold_unit
+    max_input = enc.max_abs_int
+
+    new_layers: dict[str, object] = {}
+    new_projs: dict[str, ProjectionT] = {}
+    reports: list[LayerReport] = []
+    warnings: list[str] = []
+    inp = graph.input
+    new_layers[inp.name] = InputLayer(inp.name, inp.shape, in_scale, inp.raw_max, inp.mean,
+                                      inp.std, inp.bits)
+    max_src = {inp.name: float(max_input)}
+
+    for name in graph.topological_order()[1:]:
+        layer = graph.node(name)
+        projs = graph.incoming(name)
+        real_w = {p.name: p.weight * (in_scale if p.src == inp.name else 1.0) for p in projs}
+        c = layer.channels
+        row_max = np.zeros(c)
+        for p in projs:
+            row_max = np.maximum(row_max, _row_max(p, real_w[p.name]))
+        bias = np.asarray(layer.bias, dtype=np.float64)
+        notes: list[str] = []
+        with np.errstate(divide="ignore"):
+            k_weight = np.where(row_max > 0, prof.weight_max / row_max, np.inf)
+            k_bias = np.where(np.abs(bias) > 0, prof.bias_max / (np.abs(bias) * unit), np.inf)
+        limit = float(prof.threshold_mant_max)
+        if isinstance(layer, IFLayer):
+            k = np.floor(np.minimum(np.minimum(k_weight, limit), k_bias))
+            if not per_channel:
+                k = np.full(c, k.min())
+            bias_bound = k_bias < np.minimum(k_weight, limit)
+            if np.any(bias_bound):
+                notes.append(f"threshold lowered in {int(bias_bound.sum())} channel(s) so the "
+                             "bias fits")
+        else:
+            k = np.full(c, float(np.min(np.minimum(np.minimum(k_weight, limit), k_bias))))
+        if np.any(k < 1):
+            ch = int(np.argmin(k))
+            if k_bias[ch] < 1:
+                raise QuantizationError(
+                    f"layer {name}: bias {bias[ch]:.4g} (x threshold) in channel {ch} exceeds "
+                    f"profile {prof.name}'s bias limit {prof.bias_max} even at threshold 1")
+            worst = max(projs, key=lambda p: float(_row_max(p, real_w[p.name])[ch]))
+            w = float(_row_max(worst, real_w[worst.name])[ch])
+            raise QuantizationError(
+                f"layer {name}: weight {w:.4g} (in threshold units) of {worst.name} in channel "
+                f"{ch} needs more than the {prof.weight_bits}-bit weights of profile "
+                f"{prof.name} allow (limit {prof.weight_max} at threshold 1)")
+
+        err_num = err_den = 0.0
+        w_max_int = 0
+        step_bound = 0.0
+        for p in projs:
+            w_int = _round_weights(real_w[p.name], k, prof)
+            shape = (-1,) + (1,) * (w_int.ndim - 1)
+            diff = w_int / k.reshape(shape) - real_w[p.name]
+            err_num += float(np.sum(diff**2))
+            err_den += float(np.sum(real_w[p.name] ** 2))
+            w_max_int = max(w_max_int, int(np.abs(w_int).max(initial=0)))
+            q = dataclasses.replace(p, weight=w_int)
+            new_projs[p.name] = q
+            step_bound += max_abs_output(q, max_src[p.src])
+        step_bound *= unit
+        if isinstance(layer, IFLayer):
+            v_th = (k.astype(np.int64) * unit)
+            b_int = np.array([prof.round_bias(b * t) for b, t in zip(bias, v_th, strict=True)],
+                             dtype=np.int64)
+            v_init = np.rint(graph.meta.phi * v_th).astype(np.int64)
+            if prof.strict:
+                v_init = v_init + 1
+            new_layers[name] = IFLayer(name, layer.shape, v_th, v_init, b_int,
+                                       layer.threshold_real, layer.reset)
+            scale = layer.threshold_real / v_th
+            max_src[name] = 1.0
+            th_min, th_max = int(v_th.min()), int(v_th.max())
+        else:
+            assert isinstance(layer, ReadoutLayer)
+            kk = float(k[0])
+            b_int = np.array([prof.round_bias(b * kk * unit) for b in bias], dtype=np.int64)
+            new_layers[name] = ReadoutLayer(name, layer.shape, b_int, layer.scale / (kk * unit))
+            scale = np.array([layer.scale / (kk * unit)])
+            th_min = th_max = 0
+        current_limit = (2 ** (prof.current_bits - 1) if prof.current_bits is not None
+                         else prof.voltage_max)
+        if step_bound > current_limit:
+            warnings.append(
+                f"layer {name}: one step's input can reach {step_bound:.3g} in the worst case, "
+                f"over the profile's {current_limit} (it would "
+                f"{'wrap' if prof.current_bits else 'saturate'}); the simulator and every back "
+                "end model this exactly")
+        reports.append(LayerReport(
+            name=name, kind=("readout" if isinstance(layer, ReadoutLayer)
+                             else "+".join(sorted({_kind(p) for p in projs}))),
+            shape=layer.shape, neurons=int(np.prod(layer.shape)),
+            weight_bits_used=signed_bits(w_max_int / prof.weight_step),
+            threshold_min=th_min, threshold_max=th_max, scale=float(np.mean(scale)),
+            quant_error=math.sqrt(err_num / err_den) if err_den > 0 else 0.0,
+            max_step_input=int(step_bound), notes=tuple(notes),
+        ))
+
+    meta = dataclasses.replace(graph.meta, profile=prof.name)
+    qgraph = IFGraph(
+        layers=tuple(new_layers[la.name] for la in graph.layers),  # type: ignore[misc]
+        projections=tuple(new_projs[p.name] for p in graph.projections),
+        meta=meta,
+    )
+    check_profile(qgraph)
+    return qgraph, QuantReport(prof.name, bool(per_channel), tuple(reports), tuple(warnings))
+
+
+def check_profile(graph: IFGraph) -> None:
+    """Raise QuantizationError unless every integer of ``graph`` fits its profile."""
+    if not graph.is_integer:
+        return
+    prof = get_profile(str(graph.meta.profile))
+    for p in graph.projections:
+        w = np.asarray(p.weight)
+        if w.dtype.kind != "i":
+            raise QuantizationError(f"projection {p.name}: weights are not integers")
+        if w.size and (w.max() > prof.weight_max or w.min() < prof.weight_min):
+            bad = int(w.max() if w.max() > prof.weight_max else w.min())
+            raise QuantizationError(f"projection {p.name}: weight {bad} outside profile "
+                                    f"{prof.name}'s range {prof.weight_min}..{prof.weight_max}")
+        if prof.weight_step > 1 and np.any(w % prof.weight_step):
+            raise QuantizationError(f"projection {p.name}: weights must be multiples of "
+                                    f"{prof.weight_step} in profile {prof.name}")
+        if p.weight_exp != 0 and isinstance(p, ConvProjection):
+            raise QuantizationError(f"projection {p.name}: a conv weight exponent is not "
+                                    "supported (Lava's fixed-point Conv ignores it)")
+    unit = prof.threshold_unit
+    for la in graph.layers:
+        if isinstance(la, IFLayer):
+            for f in ("v_th", "v_init", "bias"):
+                if np.asarray(getattr(la, f)).dtype.kind != "i":
+                    raise QuantizationError(f"layer {la.name}: {f} is not integer")
+            v_th = la.v_th
+            if np.any(v_th % unit) or v_th.min() < unit or v_th.max() > prof.threshold_mant_max \
+                    * unit:
+                raise QuantizationError(
+                    f"layer {la.name}: threshold {int(v_th.max())} outside profile {prof.name}'s "
+                    f"range {unit}..{prof.threshold_mant_max * unit} (step {unit})")
+            if not prof.per_channel_threshold and np.any(v_th != v_th[0]):
+                raise QuantizationError(f"layer {la.name}: profile {prof.name} allows one "
+                                        "threshold per layer")
+            if la.v_init.min() < prof.voltage_min or la.v_init.max() > prof.voltage_max:
+                raise QuantizationError(f"layer {la.name}: initial membrane outside the "
+                                        f"{prof.voltage_bits}-bit voltage range")
+        if isinstance(la, (IFLayer, ReadoutLayer)):
+            for b in np.asarray(la.bias).tolist():
+                if not prof.bias_representable(int(b)):
+                    raise QuantizationError(f"layer {la.name}: bias {b} is not representable "
+                                            f"in profile {prof.name} (limit {prof.bias_max})")
+    lo, hi = graph.input.encoding.int_range
+    if max(abs(lo), abs(hi)) > 2 ** (prof.input_bits - 1) * (1 if lo < 0 else 2) - 1:
+        raise QuantizationError(f"input range {lo}..{hi} does not fit profile {prof.name}'s "
+                                f"{prof.input_bits}-bit input")

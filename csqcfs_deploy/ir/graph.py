@@ -1,0 +1,140 @@
+"""The IF graph: layers and projections, validated on construction (SPEC section 3)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from csqcfs_deploy.errors import GraphError
+from csqcfs_deploy.ir.nodes import (
+    GraphMeta,
+    IFLayer,
+    InputLayer,
+    Layer,
+    Node,
+    ProjectionT,
+    ReadoutLayer,
+    _set,
+)
+
+# --------------------------------------------------------------------------- graph
+
+
+@dataclass(frozen=True, eq=False)
+class IFGraph(Node):
+    """Layers and projections; validated on construction (shapes, DAG, one input/readout)."""
+
+    layers: tuple[Layer, ...]
+    projections: tuple[ProjectionT, ...]
+    meta: GraphMeta
+    _by_name: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        _set(self, "layers", tuple(self.layers))
+        _set(self, "projections", tuple(self.projections))
+        by_name: dict[str, Any] = {}
+        for node in (*self.layers, *self.projections):
+            if node.name in by_name:
+                raise GraphError(f"duplicate node name {node.name!r}")
+            by_name[node.name] = node
+        _set(self, "_by_name", by_name)
+        inputs = [la for la in self.layers if isinstance(la, InputLayer)]
+        readouts = [la for la in self.layers if isinstance(la, ReadoutLayer)]
+        if len(inputs) != 1:
+            raise GraphError(f"graph needs exactly one input layer, has {len(inputs)}")
+        if len(readouts) != 1:
+            raise GraphError(f"graph needs exactly one readout layer, has {len(readouts)}")
+        layer_names = {la.name for la in self.layers}
+        for p in self.projections:
+            for end in (p.src, p.dst):
+                if end not in layer_names:
+                    raise GraphError(f"projection {p.name}: unknown layer {end!r}")
+            if isinstance(self._by_name[p.dst], InputLayer):
+                raise GraphError(f"projection {p.name} targets the input layer")
+            if isinstance(self._by_name[p.src], ReadoutLayer):
+                raise GraphError(f"projection {p.name} starts at the readout (it does not spike)")
+            out = p.out_shape(self._by_name[p.src].shape)
+            if out != self._by_name[p.dst].shape:
+                raise GraphError(f"projection {p.name}: produces shape {out} but layer "
+                                 f"{p.dst} has shape {self._by_name[p.dst].shape}")
+        for la in self.layers:
+            if not isinstance(la, InputLayer) and not self.incoming(la.name):
+                raise GraphError(f"layer {la.name} has no incoming projection")
+        self.topological_order()  # raises on a cycle
+
+    # ---- lookup ----------------------------------------------------------
+    def node(self, name: str) -> Any:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise GraphError(f"no node named {name!r}") from None
+
+    @property
+    def input(self) -> InputLayer:
+        return next(la for la in self.layers if isinstance(la, InputLayer))
+
+    @property
+    def readout(self) -> ReadoutLayer:
+        return next(la for la in self.layers if isinstance(la, ReadoutLayer))
+
+    @property
+    def if_layers(self) -> tuple[IFLayer, ...]:
+        order = self.topological_order()
+        return tuple(self.node(n) for n in order if isinstance(self.node(n), IFLayer))
+
+    @property
+    def is_integer(self) -> bool:
+        return self.meta.profile is not None
+
+    def incoming(self, layer: str) -> tuple[ProjectionT, ...]:
+        return tuple(p for p in self.projections if p.dst == layer)
+
+    def outgoing(self, layer: str) -> tuple[ProjectionT, ...]:
+        return tuple(p for p in self.projections if p.src == layer)
+
+    def topological_order(self) -> tuple[str, ...]:
+        """Layer names, every layer after all of its sources (input first)."""
+        indeg = {la.name: 0 for la in self.layers}
+        for p in self.projections:
+            indeg[p.dst] += 1
+        ready = [la.name for la in self.layers if indeg[la.name] == 0]
+        order: list[str] = []
+        while ready:
+            name = ready.pop(0)
+            order.append(name)
+            for p in self.outgoing(name):
+                indeg[p.dst] -= 1
+                if indeg[p.dst] == 0:
+                    ready.append(p.dst)
+        if len(order) != len(self.layers):
+            stuck = sorted(n for n, d in indeg.items() if d > 0)
+            raise GraphError(f"graph has a cycle through {', '.join(stuck)}")
+        return tuple(order)
+
+    def depths(self) -> dict[str, int]:
+        """Longest number of synaptic hops from the input to each layer."""
+        depth: dict[str, int] = {}
+        for name in self.topological_order():
+            inc = self.incoming(name)
+            depth[name] = 0 if not inc else 1 + max(depth[p.src] for p in inc)
+        return depth
+
+    def replace(self, **changes: Any) -> IFGraph:
+        kwargs = {"layers": self.layers, "projections": self.projections, "meta": self.meta}
+        kwargs.update(changes)
+        return IFGraph(**kwargs)
+
+    def equals(self, other: object) -> bool:
+        if not isinstance(other, IFGraph):
+            return False
+        if len(self.layers) != len(other.layers) or len(self.projections) != len(
+            other.projections
+        ):
+            return False
+        pairs: Iterator[tuple[Node, Node]] = zip(
+            (*self.layers, *self.projections, self.meta),
+            (*other.layers, *other.projections, other.meta),
+            strict=True,
+        )
+        return all(a.equals(b) for a, b in pairs)

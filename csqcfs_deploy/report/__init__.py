@@ -1,0 +1,1 @@
+"""Reports: synaptic operations, MACs and energy estimates."""

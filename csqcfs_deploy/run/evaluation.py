@@ -1,0 +1,86 @@
+"""Run a back end over a dataset split in batches and summarise the result."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from csqcfs_deploy.ir import IFGraph
+from csqcfs_deploy.ir.schedule import RunConfig, latency_steps, pipeline_depth
+from csqcfs_deploy.run.backends import BackendOptions, open_backend
+from csqcfs_deploy.run.reference import input_units
+
+
+@dataclass(frozen=True)
+class EvalSummary:
+    """Accuracy and activity of one back end on ``samples`` inputs."""
+
+    backend: str
+    schedule: str
+    samples: int
+    accuracy: float
+    timesteps: int
+    presim: int
+    latency_steps: int
+    pipeline_depth: int
+    firing_rate: float          # output spikes per IF neuron per counted step
+    seconds: float
+    predictions: np.ndarray = field(repr=False)
+    layer_spikes: dict[str, int] = field(default_factory=dict)   # counted window, all samples
+    layer_neurons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def throughput(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else float("inf")
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "backend": self.backend, "schedule": self.schedule, "accuracy": self.accuracy,
+            "samples": self.samples, "timesteps": self.timesteps, "presim": self.presim,
+            "latency_steps": self.latency_steps, "pipeline_depth": self.pipeline_depth,
+            "firing_rate": self.firing_rate, "seconds": round(self.seconds, 4),
+            "throughput": self.throughput,
+            "layers": {k: {"neurons": self.layer_neurons[k], "spikes": v,
+                           "firing_rate": v / (self.layer_neurons[k] * self.timesteps
+                                               * max(self.samples, 1))}
+                       for k, v in self.layer_spikes.items()},
+        }
+
+
+def evaluate(backend: str, graph: IFGraph, raw: np.ndarray, labels: np.ndarray,
+             cfg: RunConfig, batch_size: int = 128, options: BackendOptions | None = None,
+             progress: bool = True) -> EvalSummary:
+    """Run ``backend`` on raw samples (N, C, H, W) in batches; accuracy against ``labels``."""
+    options = options or BackendOptions()
+    x_all = input_units(graph, raw)
+    preds: list[np.ndarray] = []
+    layer_spikes = {la.name: 0 for la in graph.if_layers}
+    start = time.perf_counter()
+    with open_backend(backend, graph, cfg, options) as runner:
+        bar = tqdm(total=len(x_all), desc=f"{backend} T={cfg.timesteps} P={cfg.presim}",
+                   unit="sample", disable=not progress, leave=False)
+        for i in range(0, len(x_all), batch_size):
+            result = runner.run(x_all[i : i + batch_size])
+            preds.append(result.predictions)
+            for name, counts in result.window_counts.items():
+                layer_spikes[name] += int(counts.to(torch.int64).sum())
+            bar.update(min(batch_size, len(x_all) - i))
+        bar.close()
+    seconds = time.perf_counter() - start
+    predictions = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+    neurons = {la.name: la.neurons for la in graph.if_layers}
+    total_neurons = sum(neurons.values())
+    samples = len(predictions)
+    rate = (sum(layer_spikes.values()) / (total_neurons * cfg.timesteps * samples)
+            if samples and total_neurons else 0.0)
+    return EvalSummary(
+        backend=backend, schedule=cfg.schedule, samples=samples,
+        accuracy=float((predictions == labels[:samples]).mean()) if samples else 0.0,
+        timesteps=cfg.timesteps, presim=cfg.presim, latency_steps=latency_steps(graph, cfg),
+        pipeline_depth=pipeline_depth(graph, cfg), firing_rate=rate, seconds=seconds,
+        predictions=predictions, layer_spikes=layer_spikes, layer_neurons=neurons,
+    )

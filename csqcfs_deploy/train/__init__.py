@@ -1,0 +1,1 @@
+"""Training: the CS-QCFS activation, the model zoo, datasets, training and checkpoints."""
