@@ -25,6 +25,18 @@ class GraphError(CsqcfsError):
     exit_code = 3
 
 
+class TargetError(GraphError):
+    """This target (a back end, a file format, a profile) cannot express this graph.
+
+    Raised with the node, the kind and the target named, e.g. "projection p3: kind
+    conv is not supported by netx".
+    """
+
+
+class InputDataError(GraphError):
+    """Input data handed to a runner is not what the graph takes (shape, dtype, range)."""
+
+
 class QuantizationError(CsqcfsError):
     """A value does not fit the chosen hardware profile."""
 
