@@ -70,6 +70,20 @@ class IFGraph(Node):
         except KeyError:
             raise GraphError(f"no node named {name!r}") from None
 
+    def layer(self, name: str) -> Layer:
+        """The layer named ``name`` (GraphError if there is none, or it is a projection)."""
+        node = self.node(name)
+        if not isinstance(node, (InputLayer, IFLayer, ReadoutLayer)):
+            raise GraphError(f"node {name!r} is not a layer")
+        return node
+
+    def projection(self, name: str) -> ProjectionT:
+        """The projection named ``name`` (GraphError if there is none, or it is a layer)."""
+        node = self.node(name)
+        if isinstance(node, (InputLayer, IFLayer, ReadoutLayer)):
+            raise GraphError(f"node {name!r} is not a projection")
+        return node  # type: ignore[no-any-return]
+
     @property
     def input(self) -> InputLayer:
         return next(la for la in self.layers if isinstance(la, InputLayer))
