@@ -65,7 +65,7 @@ from csqcfs_deploy.ir import (
     ProjectionT,
     ReadoutLayer,
 )
-from csqcfs_deploy.ir.neuron import IFParams, readout_step
+from csqcfs_deploy.ir.neuron import IFParams, exact_float_bound, readout_step
 from csqcfs_deploy.ir.profiles import Profile, get_profile
 from csqcfs_deploy.ir.schedule import (
     RunConfig,
@@ -78,7 +78,6 @@ from csqcfs_deploy.ir.schedule import (
 from csqcfs_deploy.ir.synapses import (
     apply_projection,
     apply_weight_exp,
-    exact_float_bound,
     max_abs_output,
     sum_pool,
 )

@@ -95,9 +95,10 @@ from csqcfs_deploy.ir import (
     ReadoutLayer,
     SumPool,
 )
+from csqcfs_deploy.ir.neuron import exact_float_bound
 from csqcfs_deploy.ir.profiles import Profile, get_profile
 from csqcfs_deploy.ir.schedule import RunConfig, total_steps
-from csqcfs_deploy.ir.synapses import exact_float_bound, sum_pool
+from csqcfs_deploy.ir.synapses import sum_pool
 from csqcfs_deploy.run.backends import BackendOptions
 from csqcfs_deploy.run.results import RunResult
 

@@ -6,7 +6,7 @@ source values (N, *src_shape): spikes, spike counts or input integers. It does
 Dense model (left shift, or arithmetic right shift = floor division).
 
 The arithmetic runs in the dtype of ``x`` (float32/float64); exactness for
-integer data is the caller's business (see :func:`exact_float_bound`).
+integer data is the caller's business (see :func:`csqcfs_deploy.ir.neuron.exact_float_bound`).
 """
 
 from __future__ import annotations
@@ -70,9 +70,3 @@ def max_abs_output(p: ProjectionT, max_abs_input: float) -> float:
     """Upper bound of ``|W (*) pool(x)|`` over outputs when ``|x| <= max_abs_input``."""
     window = 1 if p.pool is None else p.pool.window
     return p.max_abs_row_sum * window * max_abs_input
-
-
-def exact_float_bound(dtype: torch.dtype) -> int:
-    """Largest integer magnitude up to which every integer is exact in ``dtype``."""
-    return {torch.float16: 2**11, torch.bfloat16: 2**8, torch.float32: 2**24,
-            torch.float64: 2**53}[dtype]

@@ -28,11 +28,11 @@ import torch
 
 from csqcfs_deploy.errors import GraphError
 from csqcfs_deploy.ir import IFGraph, IFLayer, ReadoutLayer
+from csqcfs_deploy.ir.neuron import exact_float_bound
 from csqcfs_deploy.ir.profiles import get_profile
 from csqcfs_deploy.ir.synapses import (
     apply_projection,
     apply_weight_exp,
-    exact_float_bound,
     max_abs_output,
 )
 
