@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                 for t, pp in (c.split(":") for c in args.configs.split(","))]
         netx = None
         if args.netx:
-            from csqcfs_deploy.exporters.netx import check_netx, write_netx
+            from csqcfs_deploy.exporters.netx import write_netx
+            from csqcfs_deploy.simulators.lava.netx import check_netx
 
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "digits.net"

@@ -39,7 +39,7 @@ from csqcfs_deploy.run.backends import BackendOptions
 from csqcfs_deploy.run.reference import input_units
 from csqcfs_deploy.run.results import RunResult
 from csqcfs_deploy.simulators.integer import simulate
-from csqcfs_deploy.simulators.norse import open_runner
+from csqcfs_deploy.simulators.norse.runner import open_runner
 from csqcfs_deploy.train.datasets import CIFAR10_ENCODING, DIGITS_ENCODING, load_digits_dataset
 from csqcfs_deploy.train.zoo import arch_spec, build_model, randomize_batchnorm
 

@@ -11,8 +11,9 @@ pre-simulation: at ``T = 1`` each IF layer ``j`` has one counted step
 (``d_j + 1``, pipelined) that starts, after the pipeline-fill reset, from
 ``v_init``; it spikes iff ``u + b_c > v_th,c - v_init,c`` where the current
 ``u`` is a multiple of 64. So with ``G_c = floor((v_th,c - v_init,c - b_c) / 64)``
-the same spike is ``u + 64 * beta_c > 64 * theta`` for any layer threshold
-``theta`` with ``beta_c = theta - G_c`` (exact, saturation included). The file
+(:func:`csqcfs_deploy.ir.neuron.first_step_cut`, the closed form of one step) the
+same spike is ``u + 64 * beta_c > 64 * theta`` for any layer threshold ``theta``
+with ``beta_c = theta - G_c`` (exact, saturation included). The file
 stores ``vThMant = theta`` (centred so the 13-bit bias mantissas ``beta_c`` fit) and
 ``bias = beta_c``. The readout is a CUBA layer that never spikes (``vThMant``
 2**17 - 1) whose bias is ``floor(b / 64)``; ``readout_offset = b mod 64`` (stored
@@ -29,13 +30,18 @@ hold an initial membrane, and a layer's steps before its data arrive continue
 from the previous sample (both are discarded by the pipelined schedule anyway).
 
 netx has no pooling: sum pools are folded into the next weights as for the
-Lava back end; residual (non-chain) graphs are refused.
+Lava back end (:mod:`csqcfs_deploy.simulators.lava.layout`); residual (non-chain)
+graphs are refused.
+
+This module plans, writes and reads the file only; running it on Lava and
+comparing it with the simulator is :mod:`csqcfs_deploy.simulators.lava.netx`, and
+what the command line prints about it is :mod:`csqcfs_deploy.cli.netx_text`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,15 +49,16 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
-from tqdm import tqdm
+from numpy.typing import NDArray
 
 from csqcfs_deploy.errors import GraphError, InputFileError, QuantizationError
 from csqcfs_deploy.files import require_file, write_atomic
 from csqcfs_deploy.ir import ConvProjection, DenseProjection, IFGraph, IFLayer
-from csqcfs_deploy.ir.profiles import get_profile
-from csqcfs_deploy.ir.schedule import RunConfig
-from csqcfs_deploy.simulators.integer import simulate
-from csqcfs_deploy.simulators.lava.compat import import_lava_dl
+from csqcfs_deploy.ir.kinds import KindTable
+from csqcfs_deploy.ir.neuron import first_step_cut
+from csqcfs_deploy.ir.profiles import Profile, get_profile
+from csqcfs_deploy.simulators.lava.compat import import_lava, import_lava_dl
+from csqcfs_deploy.simulators.lava.layout import check_lava_graph, lava_projection
 
 NETX_ATTR = "csqcfs_netx"
 FORMAT_VERSION = 1
@@ -70,11 +77,11 @@ class NetxLayer:
     name: str
     kind: str
     shape: tuple[int, ...]
-    weight: np.ndarray
+    weight: NDArray[np.int64]
     theta_mant: int
-    bias_mant: np.ndarray
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
+    bias_mant: NDArray[np.int64]
+    stride: tuple[int, ...] = (1, 1)
+    padding: tuple[int, ...] = (0, 0)
     groups: int = 1
     flatten_before: bool = False
 
@@ -86,7 +93,7 @@ class NetxPlan:
     input_shape: tuple[int, ...]
     input_bits: int
     layers: tuple[NetxLayer, ...]
-    readout_offset: np.ndarray   # (F,) add to the netx readout membrane
+    readout_offset: NDArray[np.int64]   # (F,) add to the netx readout membrane
     source: str = ""
 
     @property
@@ -120,20 +127,10 @@ def load_kwargs(input_bits: int, depth: int) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class NetxExport:
-    """What :func:`write_netx` wrote (printed by ``csqcfs-deploy export``)."""
+    """What :func:`write_netx` wrote (``csqcfs_deploy.cli.netx_text`` says it in words)."""
 
     path: Path
     plan: NetxPlan
-
-    def __str__(self) -> str:
-        kwargs = ", ".join(f"{k}={v}" for k, v in self.plan.load_kwargs().items())
-        return (f"wrote {self.path} (lava-dl netx HDF5, {len(self.plan.layers)} CUBA layers). "
-                "netx neurons reset to zero and start at 0: the file is exact at T = 1 "
-                "without pre-simulation only (every layer's counted step and the readout "
-                "equal the integer simulator's, hard reset, pipelined); load it with "
-                f"lava.lib.dl.netx.hdf5.Network('{self.path}', {kwargs}) and add "
-                f"readout_offset {self.plan.readout_offset.tolist()} to the last layer's "
-                "membrane to get the readout.")
 
     def to_json(self) -> dict[str, Any]:
         return {"target": "lava-netx", "output": str(self.path), **self.plan.meta()}
@@ -154,7 +151,8 @@ def _chain(graph: IFGraph) -> list[str]:
     return order
 
 
-def _theta_and_bias(name: str, g: np.ndarray, per_channel: bool) -> tuple[int, np.ndarray]:
+def _theta_and_bias(name: str, g: NDArray[np.int64], per_channel: bool
+                    ) -> tuple[int, NDArray[np.int64]]:
     lo, hi = int(g.min()), int(g.max())
     theta = int(np.clip(round((lo + hi) / 2), 0, THETA_MAX))
     beta = theta - g
@@ -167,25 +165,54 @@ def _theta_and_bias(name: str, g: np.ndarray, per_channel: bool) -> tuple[int, n
     return theta, beta.astype(np.int64)
 
 
-def _check_dense_weights(name: str, weight: np.ndarray) -> None:
+def _check_dense_weights(name: str, weight: NDArray[np.int64]) -> None:
     """netx rescales dense weights at load time (``optimize_weight_bits``: ``w << k`` with
     weight exponent ``-k``) and Lava's Dense clips and truncates them: make sure every
     weight survives, so the synaptic sum (``(w << k) . s >> k``) is unchanged."""
-    from lava.lib.dl.netx.utils import optimize_weight_bits
-    from lava.utils.weightutils import clip_weights, determine_sign_mode, truncate_weights
+    netx_utils = import_lava_dl("lava.lib.dl.netx.utils")
+    weightutils = import_lava("lava.utils.weightutils")
 
-    w, bits, exp, _ = optimize_weight_bits(weight.copy())
-    mode = determine_sign_mode(w)
-    used = truncate_weights(clip_weights(w, mode, num_bits=8), mode, bits).astype(np.int64)
+    w, bits, exp, _ = netx_utils.optimize_weight_bits(weight.copy())
+    mode = weightutils.determine_sign_mode(w)
+    used = weightutils.truncate_weights(weightutils.clip_weights(w, mode, num_bits=8), mode,
+                                        bits).astype(np.int64)
     if exp > 0 or not np.array_equal(used, weight.astype(np.int64) << -exp):
         raise QuantizationError(f"projection into {name}: netx's weight optimisation would "
                                 "change these dense weights")
 
 
+# (name, kind-specific projection, layer shape, theta, beta, source shape) -> NetxLayer
+BlockBuilder = Callable[[str, Any, tuple[int, ...], int, NDArray[np.int64], tuple[int, ...]],
+                        NetxLayer]
+_BLOCKS: KindTable[BlockBuilder] = KindTable("lava-netx")
+
+
+@_BLOCKS.register(ConvProjection)
+def _conv_block(name: str, q: ConvProjection, shape: tuple[int, ...], theta: int,
+                beta: NDArray[np.int64], src_shape: tuple[int, ...]) -> NetxLayer:
+    return NetxLayer(name, "conv", shape, np.asarray(q.weight, np.int64), theta, beta,
+                     q.stride, q.padding, q.groups, flatten_before=False)
+
+
+@_BLOCKS.register(DenseProjection)
+def _dense_block(name: str, q: DenseProjection, shape: tuple[int, ...], theta: int,
+                 beta: NDArray[np.int64], src_shape: tuple[int, ...]) -> NetxLayer:
+    weight = np.asarray(q.weight, np.int64)
+    _check_dense_weights(name, weight)
+    return NetxLayer(name, "dense", shape, weight, theta, beta,
+                     flatten_before=len(src_shape) == 3)
+
+
+def _layer_cut(layer: IFLayer, prof: Profile) -> NDArray[np.int64]:
+    """``G_c = floor((v_th,c - v_init,c - b_c) / 64)`` per channel: one step from ``v_init``
+    fires iff the summed input exceeds ``G_c`` (:func:`first_step_cut`, strict profile)."""
+    v_th, v_init, bias = (torch.tensor(np.asarray(a, dtype=np.int64))
+                          for a in (layer.v_th, layer.v_init, layer.bias))
+    return first_step_cut(v_th, v_init, bias, prof).numpy()
+
+
 def plan_netx(graph: IFGraph) -> NetxPlan:
     """The netx layers of ``graph`` (loihi2, a chain); raises what cannot be exported."""
-    from csqcfs_deploy.simulators.lava.runner import check_lava_graph, lava_projection
-
     check_lava_graph(graph)
     order = _chain(graph)
     prof = get_profile("loihi2")
@@ -200,10 +227,8 @@ def plan_netx(graph: IFGraph) -> NetxPlan:
             raise GraphError(f"projection {p.name}: netx chooses dense weight exponents itself; "
                              "a graph weight exponent cannot be exported")
         if isinstance(layer, IFLayer):
-            v_th, v_init, bias = (np.asarray(a, dtype=np.int64)
-                                  for a in (layer.v_th, layer.v_init, layer.bias))
-            g = np.floor_divide(v_th - v_init - bias, UNIT)
-            theta, beta = _theta_and_bias(name, g, bool(np.any(v_th != v_th[0])))
+            g = _layer_cut(layer, prof)
+            theta, beta = _theta_and_bias(name, g, bool(np.any(layer.v_th != layer.v_th[0])))
         else:
             bias = np.asarray(layer.bias, dtype=np.int64)
             beta = np.floor_divide(bias, UNIT)
@@ -211,14 +236,7 @@ def plan_netx(graph: IFGraph) -> NetxPlan:
             theta = THETA_MAX
             if beta.max(initial=0) > BIAS_MANT_MAX or beta.min(initial=0) < BIAS_MANT_MIN:
                 raise QuantizationError(f"readout {name}: bias beyond netx's 13-bit mantissa")
-        flatten = len(src_shape) == 3 and isinstance(q, DenseProjection)
-        if isinstance(q, ConvProjection):
-            layers.append(NetxLayer(name, "conv", layer.shape, np.asarray(q.weight, np.int64),
-                                    theta, beta, q.stride, q.padding, q.groups, flatten))
-        else:
-            _check_dense_weights(name, np.asarray(q.weight, np.int64))
-            layers.append(NetxLayer(name, "dense", layer.shape, np.asarray(q.weight, np.int64),
-                                    theta, beta, flatten_before=flatten))
+        layers.append(_BLOCKS.lookup(q)(name, q, layer.shape, theta, beta, src_shape))
     return NetxPlan(tuple(graph.input.shape), prof.input_bits, tuple(layers), readout_offset,
                     source=graph.meta.arch)
 
@@ -291,153 +309,8 @@ def read_netx_plan(path: str | Path) -> dict[str, Any]:
         raise InputFileError(f"{p} is not an HDF5 file ({exc})") from None
     if text is None:
         raise InputFileError(f"{p} was not written by csqcfs-deploy (no {NETX_ATTR} attribute)")
-    meta = json.loads(text)
+    meta: dict[str, Any] = json.loads(text)
     if meta.get("version") != FORMAT_VERSION:
         raise InputFileError(f"{p}: netx description version {meta.get('version')!r} is not "
                              f"supported")
     return meta
-
-
-# --------------------------------------------------------------------------- running
-
-
-@dataclass
-class NetxRun:
-    """netx on Lava: per layer (readout included) spikes (steps, N, *shape) bool; the readout
-    membrane at the end of each sample plus the offset (N, F) int64."""
-
-    steps: int
-    spikes: dict[str, torch.Tensor]
-    readout: torch.Tensor
-    window_step: dict[str, int]        # 0-based index of each layer's counted step
-    seconds: float
-
-
-def run_netx(path: str | Path, x_int: torch.Tensor, progress: bool = False) -> NetxRun:
-    """Load ``path`` with lava-dl's ``netx.hdf5.Network`` (with :func:`load_kwargs`), run it
-    on ``Loihi2SimCfg(select_tag="fixed_pt")`` with the integer input as graded spikes, one
-    ``1 + D``-step sample after the other, and record every layer's spikes."""
-    import time
-
-    import_lava_dl("lava.lib.dl.netx.hdf5")
-    from lava.lib.dl.netx import hdf5
-
-    from csqcfs_deploy.simulators.lava.processes import (
-        GradedInput,
-        PyGradedInputModel,
-        PySpikeRecorderModel,
-        SampleClock,
-        SpikeRecorder,
-    )
-    from csqcfs_deploy.simulators.lava.runner import LavaSession, _shared, make_workdir
-
-    meta = read_netx_plan(path)
-    input_shape = tuple(meta["input_shape"])
-    if tuple(x_int.shape[1:]) != input_shape:
-        raise GraphError(f"input has shape {tuple(x_int.shape[1:])}, the netx file expects "
-                         f"{input_shape}")
-    x = x_int.detach().cpu().to(torch.int64).reshape(x_int.shape[0], -1).numpy()
-    n = x.shape[0]
-    layer_meta = meta["layers"]
-    steps = 1 + len(layer_meta)
-    slots = max(1, min(n, 64))
-    clock = SampleClock(steps=steps, slots=slots)
-    workdir = make_workdir()
-    try:
-        inputs = _shared(workdir, "input", (slots, x.shape[1]), "int32")
-        net = hdf5.Network(net_config=str(path), **meta["load_kwargs"])
-        if len(net.layers) != len(layer_meta):
-            raise InputFileError(f"{path}: netx built {len(net.layers)} layers, the file "
-                                 f"describes {len(layer_meta)}")
-        source = GradedInput(shape=input_shape, clock=clock, inputs=inputs, name="input")
-        source.s_out.connect(net.inp)
-        models: dict[Any, type] = {source: PyGradedInputModel}
-        records = {}
-        for block, la in zip(net.layers, layer_meta, strict=True):
-            shape = tuple(la["shape"])
-            rec = _shared(workdir, f"{la['name']}.spikes", (slots, steps, int(np.prod(shape))),
-                          "int32")
-            recorder = SpikeRecorder(shape=shape, clock=clock, record=rec,
-                                     name=f"{la['name']}.probe")
-            block.neuron.s_out.connect(recorder.s_in)
-            models[recorder] = PySpikeRecorderModel
-            records[la["name"]] = rec
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(workdir, ignore_errors=True)
-        raise
-    session = LavaSession(source, models, workdir)
-    offset = np.asarray(meta["readout_offset"], dtype=np.int64)
-    spikes = {name: np.zeros((steps, n, rec.shape[2]), bool) for name, rec in records.items()}
-    readout = np.zeros((n, len(offset)), dtype=np.int64)
-    start = time.perf_counter()
-    try:
-        views = {name: rec.open() for name, rec in records.items()}
-        in_view = inputs.open()
-        readout_var = net.layers[-1].neuron.v
-        for i in tqdm(range(n), desc="netx", unit="sample", disable=not progress, leave=False):
-            slot = i % slots
-            in_view[slot] = x[i]
-            session.run_steps(steps)
-            for name, view in views.items():
-                spikes[name][:, i] = view[slot] != 0
-            readout[i] = np.rint(np.asarray(readout_var.get(), dtype=np.float64)).astype(
-                np.int64).reshape(-1) + offset
-    finally:
-        session.close()
-    seconds = time.perf_counter() - start
-    shaped = {la["name"]: torch.from_numpy(spikes[la["name"]].reshape(
-        steps, n, *la["shape"])) for la in layer_meta}
-    window = {la["name"]: k + 1 for k, la in enumerate(layer_meta)}
-    return NetxRun(steps, shaped, torch.from_numpy(readout), window, seconds)
-
-
-# --------------------------------------------------------------------------- checking
-
-
-def hard_reset(graph: IFGraph) -> IFGraph:
-    """A copy of ``graph`` whose IF layers reset to zero (what netx neurons do)."""
-    layers = tuple(dataclasses.replace(la, reset="zero") if isinstance(la, IFLayer) else la
-                   for la in graph.layers)
-    return graph.replace(layers=layers)
-
-
-@dataclass(frozen=True)
-class NetxCheck:
-    """netx against the integer simulator (hard reset, pipelined, T = 1, P = 0)."""
-
-    samples: int
-    layers: int
-    compared: int            # spike slots compared: samples x neurons in counted steps
-    mismatches: int          # in counted steps (must be 0)
-    readout_equal: bool
-    predictions_equal: bool
-    other_step_differences: int   # outside counted steps (not defined by netx; informative)
-    netx_seconds: float
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def check_netx(graph: IFGraph, path: str | Path, x_int: torch.Tensor,
-               progress: bool = False) -> NetxCheck:
-    """Run the netx file of ``graph`` and compare it with the simulator (see NetxCheck)."""
-    run = run_netx(path, x_int, progress)
-    ref = simulate(hard_reset(graph), x_int,
-                   RunConfig(timesteps=1, presim=0, schedule="pipelined", record=True))
-    assert ref.spikes is not None
-    compared = mismatches = other = 0
-    for name, step in run.window_step.items():
-        if name not in ref.spikes:
-            continue
-        got, want = run.spikes[name], ref.spikes[name]
-        compared += want[step].numel()
-        mismatches += int((got[step] != want[step]).sum())
-        other += int((got != want).sum()) - int((got[step] != want[step]).sum())
-    readout_equal = torch.equal(run.readout, ref.readout)
-    preds_equal = torch.equal(run.readout.argmax(1), ref.readout.argmax(1))
-    return NetxCheck(samples=int(x_int.shape[0]), layers=len(ref.spikes), compared=compared,
-                     mismatches=mismatches, readout_equal=readout_equal,
-                     predictions_equal=preds_equal, other_step_differences=other,
-                     netx_seconds=run.seconds)

@@ -17,24 +17,31 @@ from csqcfs_deploy.train.zoo import ARCHITECTURES, build_model
 
 
 def reference_csqcfs(x: np.ndarray, lam: np.ndarray, levels: int, phi: float) -> np.ndarray:
-    """SPEC section 1, written out: lam/L * clip(floor(x*L/lam + phi), 0, L)."""
+    """SPEC section 1 as a staircase, with no floor and no clip: the output is ``lam / L``
+    times the number of steps ``j = 1 .. L`` whose edge ``(j - phi) * lam / L`` the input
+    has reached (``floor(x L / lam + phi) >= j`` exactly when ``x >= (j - phi) lam / L``)."""
     shape = (1, -1) + (1,) * (x.ndim - 2)
     lam = lam.reshape(shape)
-    return lam / levels * np.clip(np.floor(x * levels / lam + phi), 0, levels)
+    steps = sum((x >= (j - phi) * lam / levels).astype(np.float64)
+                for j in range(1, levels + 1))
+    return lam / levels * steps
 
 
+@pytest.mark.parametrize("phi", [0.5, 0.25])
 @pytest.mark.parametrize("shape", [(5, 3), (4, 3, 6, 6)])
 @pytest.mark.parametrize("levels", [1, 4, 8])
-def test_csqcfs_matches_formula(shape: tuple[int, ...], levels: int) -> None:
+def test_csqcfs_equals_a_staircase_count(shape: tuple[int, ...], levels: int,
+                                         phi: float) -> None:
     torch.manual_seed(0)
-    act = CSQCFS(3, levels, phi=0.5)
+    act = CSQCFS(3, levels, phi=phi)
     with torch.no_grad():
         act.up.copy_(torch.tensor([-0.5, 0.3, 2.0]))
     x = torch.randn(*shape, dtype=torch.float64) * 2
     lam = F.softplus(act.up.detach().double()).numpy()
     got = act.double()(x).detach().numpy()
-    np.testing.assert_allclose(got, reference_csqcfs(x.numpy(), lam, levels, 0.5), atol=1e-12)
-    assert np.all(lam > 0)
+    np.testing.assert_allclose(got, reference_csqcfs(x.numpy(), lam, levels, phi), atol=1e-12)
+    # a negative raw parameter still gives a positive threshold (softplus, not the raw value)
+    assert float(act.up.detach()[0]) < 0 and bool(torch.all(act.threshold() > 0))
 
 
 def test_csqcfs_straight_through_gradients() -> None:

@@ -38,7 +38,8 @@ from csqcfs_deploy.run.results import RunResult
 from csqcfs_deploy.simulators.integer import simulate
 from csqcfs_deploy.simulators.lava import processes as lava_processes
 from csqcfs_deploy.simulators.lava.compat import ensure_lava_compat
-from csqcfs_deploy.simulators.lava.runner import LavaRunner, fold_pool, lava_conv_weight
+from csqcfs_deploy.simulators.lava.layout import fold_pool, lava_conv_weight
+from csqcfs_deploy.simulators.lava.runner import LavaRunner
 from csqcfs_deploy.train.activations import CSQCFS
 from csqcfs_deploy.train.datasets import DIGITS_ENCODING, Dataset
 from csqcfs_deploy.train.zoo import BasicBlock

@@ -15,15 +15,10 @@ from csqcfs_deploy.cli import main
 from csqcfs_deploy.convert.fold import FoldResult, fold
 from csqcfs_deploy.convert.quantize import quantize
 from csqcfs_deploy.errors import GraphError, QuantizationError
-from csqcfs_deploy.exporters.netx import (
-    _check_dense_weights,
-    check_netx,
-    hard_reset,
-    read_netx_plan,
-    write_netx,
-)
+from csqcfs_deploy.exporters.netx import _check_dense_weights, read_netx_plan, write_netx
 from csqcfs_deploy.ir import IFGraph, IFLayer, save_graph
 from csqcfs_deploy.run.reference import input_units
+from csqcfs_deploy.simulators.lava.netx import check_netx, hard_reset
 from csqcfs_deploy.train.datasets import DIGITS_ENCODING, Dataset
 
 from .conftest import randomize_batchnorm

@@ -170,8 +170,13 @@ def test_portable_flavour_round_trips_from_metadata(tmp_path: Path, profile: str
     a = g.node("a")
     th = ng.nodes["a"].v_threshold
     assert th.dtype == np.float32 and np.unique(th).size == 1
-    # a half-integer: readers comparing with > and with >= agree on integer membranes
-    assert th.flat[0] == a.v_th[0] - a.v_init[0] + (0.5 if prof.strict else -0.5)
+    # a plain reader starts at v = 0 and adds the step's integer input u (membrane units):
+    # for every u, "u > th" and "u >= th" alike must fire exactly when step 1 of the IF
+    # graph does (v_init + u > v_th on strict profiles, v_init + u >= v_th otherwise)
+    u = np.arange(-3 * int(a.v_th[0]), 3 * int(a.v_th[0]) + 1)
+    ours = a.v_init[0] + u > a.v_th[0] if prof.strict else a.v_init[0] + u >= a.v_th[0]
+    assert 0 < int(ours.sum()) < ours.size
+    assert np.array_equal(u > th.flat[0], ours) and np.array_equal(u >= th.flat[0], ours)
     assert read_nir_graph(path).equals(g)
 
 

@@ -291,7 +291,13 @@ def test_layer_bounds_edges() -> None:
     assert not nb.LayerBound(synaptic=2**24 + 1, current=2**24 + 1, **kw).synaptic_exact(f32)
     assert ok.max_steps(f32) == 0  # 2 * 10 + 2**24 + 1 > 2**24
     small = nb.LayerBound(synaptic=1000, current=1000, **kw)
-    assert small.max_steps(f32) == (2**24 - 1 - 20) // 1000
+    # float32 is exact while 2 * start + n * 1000 + 1 <= 2**24 = 16777216:
+    # n = 16777 reaches 16777021, n = 16778 would reach 16778021
+    assert small.max_steps(f32) == 16777
+    # the same edge where one step more or less shows: start 2**19, 2**20 per step;
+    # 2**20 + 14 * 2**20 + 1 = 15728641 fits, 2**20 + 15 * 2**20 + 1 = 2**24 + 1 does not
+    tight = nb.LayerBound(synaptic=2**20, current=2**20, **dict(kw, start=2**19))
+    assert tight.max_steps(f32) == 14
     assert small.max_steps(torch.float64) is None
     loihi = nb.LayerBound(layer="l", synaptic=2**18, wrap_span=2**18, current=2**23,
                           bias=2**19, v_min=-(2**23 - 1), v_max=2**23 - 1, start=2**22)

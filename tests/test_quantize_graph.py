@@ -35,6 +35,7 @@ from csqcfs_deploy.train.datasets import CIFAR10_ENCODING
 from csqcfs_deploy.train.zoo import build_model
 
 from .conftest import randomize_batchnorm
+from .oracles import ann_oracle
 
 
 def agreement(float_graph: IFGraph, qgraph: IFGraph, raw: np.ndarray) -> float:
@@ -213,13 +214,20 @@ def test_graph_validation_names_the_problem() -> None:
 
 
 @settings(max_examples=20, deadline=None)
-@given(levels=st.integers(1, 8), seed=st.integers(0, 2**16))
-def test_quantized_ann_counts_are_in_range(levels: int, seed: int) -> None:
-    g = tiny_graph_with_every_node("int16")
+@given(levels=st.integers(1, 8), seed=st.integers(0, 2**16),
+       profile=st.sampled_from(["loihi2", "int8", "int16"]))
+def test_quantized_ann_equals_the_per_synapse_oracle(levels: int, seed: int,
+                                                     profile: str) -> None:
+    """ANN mode against tests/oracles.py: every synapse enumerated in plain loops (pool
+    windows, padding, groups), a count is the number of threshold multiples k = 1 .. L the
+    L-step total reaches (no floor, no clip)."""
+    g = tiny_graph_with_every_node(profile)
     g = g.replace(meta=dataclasses.replace(g.meta, levels=levels))
-    x = torch.from_numpy(np.random.default_rng(seed).integers(0, 17, size=(5, 2, 6, 6)))
-    out = ann_forward(g, x)
-    for name, c in out.counts.items():
-        if name != "input":
-            assert float(c.min()) >= 0 and float(c.max()) <= levels
-            assert torch.equal(c, c.round())
+    raw = np.random.default_rng(seed).integers(0, 17, size=(5, 2, 6, 6))
+    out = ann_forward(g, torch.from_numpy(raw))
+    want = ann_oracle(g, raw, levels)
+    assert set(out.counts) == {"input", *want.counts}
+    for name, c in want.counts.items():
+        assert torch.equal(out.counts[name], torch.from_numpy(c).double()), name
+    assert torch.equal(out.readout, torch.from_numpy(want.readout))
+    assert np.array_equal(out.predictions, want.readout.argmax(1))

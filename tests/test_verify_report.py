@@ -27,15 +27,11 @@ from csqcfs_deploy.ir import (
     ReadoutLayer,
     SumPool,
 )
+from csqcfs_deploy.ir.kinds import projection_macs
 from csqcfs_deploy.ir.schedule import RunConfig
 from csqcfs_deploy.ir.synapses import sum_pool
-from csqcfs_deploy.report.energy import (
-    BUILTIN_ENERGY,
-    ActivityCounter,
-    EnergyConstants,
-    estimate,
-    projection_macs,
-)
+from csqcfs_deploy.report.energy import BUILTIN_ENERGY, EnergyConstants, estimate
+from csqcfs_deploy.report.sops import ActivityCounter
 from csqcfs_deploy.run.reference import input_units
 from csqcfs_deploy.run.verify import verify
 from csqcfs_deploy.simulators.integer import simulate
@@ -194,20 +190,32 @@ def test_vgg16_macs_equal_an_independent_count() -> None:
 
 
 def test_energy_formula() -> None:
+    """SPEC section 7's energy from counts taken without ActivityCounter: spikes and
+    neuron-steps from the recorded spikes, SOPs and graded input SOPs from brute_fanout's
+    synapse enumeration, MACs from the kernel taps; the cited constants written out."""
     graph = random_graph(0, True, 1)
     x = random_integer_input(graph, 2, 0)
-    result = simulate(graph, x, RunConfig(3))
+    result = simulate(graph, x, RunConfig(3, record=True))
     counter = ActivityCounter(graph, result.steps)
     counter.add(result.spike_counts, x)
     act = counter.activity()
-    cmos = estimate(act, BUILTIN_ENERGY["cmos45"])
-    assert cmos.snn_pj == pytest.approx((4.6 * act.input_macs + 0.9 * act.sops) / 2)
-    assert cmos.ann_pj == pytest.approx(4.6 * act.ann_macs / 2)
-    loihi = estimate(act, BUILTIN_ENERGY["loihi"])
-    spikes = act.spikes
-    inactive = act.neuron_steps - spikes
+    assert result.spikes is not None
+    samples, steps = 2, 3
+    spikes = sum(int(s.sum()) for s in result.spikes.values())
+    neuron_steps = sum(s[0, 0].numel() for s in result.spikes.values()) * steps * samples
+    sops = sum(sops_brute(graph, result.spikes).values())
+    c1 = graph.projection("c1")  # input (2, 6, 6) -> a (2, 6, 6), 3x3, padding 1
+    graded = int(((x != 0).numpy() * brute_fanout(c1, graph.input.shape)).sum()) * steps
+    b_neurons = int(np.prod(graph.layer("b").shape))
+    # every kernel tap is a MAC, padded or not: outputs x (inputs / groups) x 3 x 3
+    macs = {"c1": 2 * 6 * 6 * 2 * 9, "c2": b_neurons * 2 * 9, "fc": 3 * b_neurons}
+    assert 0 < spikes < neuron_steps and sops > 0 and graded > 0  # not vacuous
+    cmos = estimate(act, BUILTIN_ENERGY["cmos45"])  # 4.6 pJ per MAC, 0.9 pJ per AC
+    assert cmos.snn_pj == pytest.approx((4.6 * macs["c1"] * steps * samples + 0.9 * sops) / 2)
+    assert cmos.ann_pj == pytest.approx(4.6 * sum(macs.values()))
+    loihi = estimate(act, BUILTIN_ENERGY["loihi"])  # 23.6 pJ per op, 81 / 52 pJ per update
     assert loihi.snn_pj == pytest.approx(
-        (23.6 * (act.input_graded_sops + act.sops) + 81 * spikes + 52 * inactive) / 2)
+        (23.6 * (graded + sops) + 81 * spikes + 52 * (neuron_steps - spikes)) / 2)
     assert loihi.ann_pj is None
 
 

@@ -14,19 +14,31 @@ module with a learnable threshold ``up`` (one value or one per channel), an
 integer level count ``t`` and optionally ``mode == 'softplus'`` (threshold
 ``softplus(up)``, else ``up``); ``phi`` is read from the module if present
 (default 0.5).
+
+Each fx node is translated by a handler looked up in a table: by fx opcode
+(:data:`_OPCODES`), by leaf-module class (:func:`~csqcfs_deploy.convert.modules.module_op`,
+a ``singledispatch`` over the module's class and its bases), by function target
+(:data:`_FUNCTIONS`) and by method name (:data:`_METHODS`).
 """
 
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
-from torch.nn import functional as F
 
+from csqcfs_deploy.convert.modules import (
+    Site,
+    activation_threshold,
+    is_activation,
+    leaf_op,
+    refuse,
+)
 from csqcfs_deploy.errors import GraphError
 from csqcfs_deploy.ir.ann import (
     ActOp,
@@ -43,125 +55,10 @@ from csqcfs_deploy.ir.ann import (
     Op,
 )
 
-# --------------------------------------------------------------------------- recognise
-
-
-def is_activation(module: nn.Module) -> bool:
-    """True for a module following the QCFS convention (``up`` threshold, ``t`` levels)."""
-    # read the raw tables: during fx tracing, attribute access returns proxies
-    up = _raw_up(module)
-    t = vars(module).get("t", getattr(type(module), "t", None))
-    return isinstance(up, torch.Tensor) and isinstance(t, int) and not isinstance(t, bool)
-
-
-def _raw_up(module: nn.Module) -> torch.Tensor | None:
-    for table in (module._parameters, module._buffers, vars(module)):
-        up = table.get("up")
-        if isinstance(up, torch.Tensor):
-            return up
-    return None
-
-
-def activation_threshold(module: nn.Module) -> torch.Tensor:
-    """The activation's threshold (``softplus(up)`` in softplus mode, else ``up``), 1-D."""
-    up = _raw_up(module)
-    assert up is not None
-    up = up.detach().to(torch.float64).flatten()
-    if getattr(module, "mode", None) == "softplus":
-        return F.softplus(up)
-    return up
-
-
-def _pair(v: Any) -> tuple[int, int]:
-    if isinstance(v, (tuple, list)):
-        if len(v) == 1:
-            return int(v[0]), int(v[0])
-        return int(v[0]), int(v[1])
-    return int(v), int(v)
-
-
-def _np(t: torch.Tensor | None) -> np.ndarray | None:
-    return None if t is None else t.detach().to(torch.float64).cpu().numpy().copy()
-
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return is_activation(m) or super().is_leaf_module(m, qualname)
-
-
-def _refuse(node: fx.Node, what: str, why: str = "is not supported") -> GraphError:
-    return GraphError(f"node '{node.name}' ({what}) {why}; supported: Conv2d, Linear, "
-                      "BatchNorm, CS-QCFS/QCFS, AvgPool2d, AdaptiveAvgPool2d, Flatten, "
-                      "Dropout, residual +")
-
-
-def _module_op(node: fx.Node, m: nn.Module, in_shape: tuple[int, ...],
-               out_shape: tuple[int, ...]) -> Op | None:
-    """Translate one leaf module; None means 'pass through' (Identity)."""
-    kind = f"{type(m).__name__} '{node.target}'"
-    if is_activation(m):
-        thr = activation_threshold(m)
-        channels = out_shape[0]
-        if thr.numel() == 1:
-            thr = thr.expand(channels)
-        elif thr.numel() != channels:
-            raise GraphError(f"node '{node.name}' ({kind}): threshold has {thr.numel()} values "
-                             f"for {channels} channels")
-        phi = float(getattr(m, "phi", 0.5))
-        lam = thr.numpy().copy()
-        return ActOp(lam, int(m.t), phi, lam.copy())  # type: ignore[arg-type]
-    if isinstance(m, nn.Conv2d):
-        if m.padding_mode != "zeros":
-            raise _refuse(node, kind, f"uses padding_mode={m.padding_mode!r}")
-        if _pair(m.dilation) != (1, 1):
-            raise _refuse(node, kind, "uses dilation")
-        if isinstance(m.padding, str):
-            raise _refuse(node, kind, f"uses padding={m.padding!r}; give explicit padding")
-        return ConvOp(_np(m.weight), _np(m.bias), _pair(m.stride), _pair(m.padding),  # type: ignore[arg-type]
-                      int(m.groups))
-    if isinstance(m, nn.Linear):
-        return LinearOp(_np(m.weight), _np(m.bias))  # type: ignore[arg-type]
-    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        if m.running_mean is None or m.running_var is None:
-            raise _refuse(node, kind, "has no running statistics (track_running_stats=False)")
-        var = m.running_var.detach().to(torch.float64)
-        mean = m.running_mean.detach().to(torch.float64)
-        gamma = (m.weight.detach().to(torch.float64) if m.weight is not None
-                 else torch.ones_like(var))
-        beta = m.bias.detach().to(torch.float64) if m.bias is not None else torch.zeros_like(var)
-        scale = gamma / torch.sqrt(var + m.eps)
-        return BatchNormOp(scale.numpy().copy(), (beta - mean * scale).numpy().copy())
-    if isinstance(m, nn.AvgPool2d):
-        if m.ceil_mode:
-            raise _refuse(node, kind, "uses ceil_mode=True")
-        if m.divisor_override is not None:
-            raise _refuse(node, kind, "uses divisor_override")
-        pad = _pair(m.padding)
-        if pad != (0, 0) and not m.count_include_pad:
-            raise _refuse(node, kind, "uses count_include_pad=False with padding")
-        k = _pair(m.kernel_size)
-        return AvgPoolOp(k, _pair(m.stride if m.stride is not None else k), pad)
-    if isinstance(m, nn.AdaptiveAvgPool2d):
-        return _adaptive_pool(node, kind, m.output_size, in_shape)
-    if isinstance(m, nn.Flatten):
-        if m.start_dim != 1 or m.end_dim != -1:
-            raise _refuse(node, kind, f"flattens dims {m.start_dim}..{m.end_dim} (only 1..-1)")
-        return FlattenOp()
-    if isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d)):
-        return DropoutOp()
-    if isinstance(m, nn.Identity):
-        return None
-    raise _refuse(node, kind)
-
-
-def _adaptive_pool(node: fx.Node, kind: str, output_size: Any,
-                   in_shape: tuple[int, ...]) -> AvgPoolOp:
-    _, h, w = in_shape
-    oh, ow = _pair(output_size if output_size is not None else (h, w))
-    oh, ow = (oh or h), (ow or w)
-    if h % oh or w % ow:
-        raise _refuse(node, kind, f"pools {h}x{w} to {oh}x{ow}, which is not a whole division")
-    return AvgPoolOp((h // oh, w // ow), (h // oh, w // ow), (0, 0))
 
 
 _SHORT = {ConvOp: "conv", LinearOp: "fc", BatchNormOp: "bn", ActOp: "act", AvgPoolOp: "pool",
@@ -181,6 +78,171 @@ def _shape_of(node: fx.Node) -> tuple[int, ...] | None:
     if meta is None or not hasattr(meta, "shape"):
         return None
     return tuple(int(d) for d in meta.shape[1:])
+
+
+# --------------------------------------------------------------------------- the walk
+
+
+@dataclass
+class _Capture:
+    """The state of one capture: nodes so far, what each fx node stands for, the output."""
+
+    input_shape: tuple[int, ...]
+    modules: dict[str, nn.Module]
+    nodes: list[AnnNode] = field(default_factory=list)
+    alias: dict[str, str] = field(default_factory=dict)  # fx node name -> AnnNode name
+    sizes: set[str] = field(default_factory=set)  # fx nodes that are x.size(0) / x.shape[0]
+    output: str | None = None
+
+    def src(self, arg: Any, node: fx.Node) -> str:
+        """The AnnNode name an fx argument stands for."""
+        if not isinstance(arg, fx.Node) or arg.name not in self.alias:
+            raise GraphError(f"node '{node.name}' takes an input that is not a captured tensor")
+        return self.alias[arg.name]
+
+    def emit(self, node: fx.Node, name: str, op: Op, inputs: tuple[str, ...],
+             shape: tuple[int, ...], origin: str) -> None:
+        self.nodes.append(AnnNode(name, op, inputs, shape, origin))
+        self.alias[node.name] = name
+
+
+Shape = tuple[int, ...] | None
+#: Translates one fx node (with its output shape, if it has one) into the capture.
+Handler = Callable[[_Capture, fx.Node, Shape], None]
+
+
+def _placeholder(cap: _Capture, node: fx.Node, shape: Shape) -> None:
+    if any(isinstance(n.op, InputOp) for n in cap.nodes):
+        raise GraphError(f"node '{node.name}': the model takes more than one input")
+    cap.emit(node, node.name, InputOp(), (), tuple(cap.input_shape), "input")
+
+
+def _output(cap: _Capture, node: fx.Node, shape: Shape) -> None:
+    out = node.args[0]
+    if not isinstance(out, fx.Node):
+        raise GraphError("the model must return a single tensor (the readout)")
+    cap.output = cap.src(out, node)
+
+
+def _get_attr(cap: _Capture, node: fx.Node, shape: Shape) -> None:
+    raise refuse(node, f"attribute '{node.target}'", "reads a tensor attribute")
+
+
+def _call_module(cap: _Capture, node: fx.Node, shape: Shape) -> None:
+    m = cap.modules[str(node.target)]
+    kind = f"{type(m).__name__} '{node.target}'"
+    in_node = node.args[0] if node.args else None
+    in_shape = _shape_of(in_node) if isinstance(in_node, fx.Node) else None
+    if shape is None:
+        raise refuse(node, kind, "returns no tensor")
+    op = leaf_op(m, Site(node, kind, in_shape or (), shape))
+    if len(node.args) != 1 or node.kwargs:
+        raise refuse(node, kind, "is called with more than one argument")
+    if op is None:
+        cap.alias[node.name] = cap.src(node.args[0], node)
+        return
+    cap.emit(node, _readable_name(node, op), op, (cap.src(node.args[0], node),), shape,
+             str(node.target))
+
+
+def _lookup(table: dict[Any, Handler], key: Any) -> Handler | None:
+    try:
+        return table.get(key)
+    except TypeError:  # an unhashable target is in no table
+        return None
+
+
+def _call_function(cap: _Capture, node: fx.Node, shape: Shape) -> None:
+    handler = _lookup(_FUNCTIONS, node.target)
+    if handler is None:
+        raise refuse(node, f"function {getattr(node.target, '__name__', str(node.target))}")
+    handler(cap, node, shape)
+
+
+def _call_method(cap: _Capture, node: fx.Node, shape: Shape) -> None:
+    handler = _METHODS.get(str(node.target))
+    if handler is None:
+        raise refuse(node, f"method {node.target}")
+    handler(cap, node, shape)
+
+
+_OPCODES: dict[str, Handler] = {
+    "placeholder": _placeholder, "output": _output, "get_attr": _get_attr,
+    "call_module": _call_module, "call_function": _call_function, "call_method": _call_method,
+}
+
+
+# ---- call_function targets
+
+
+def _add(cap: _Capture, node: fx.Node, shape: Shape) -> None:
+    tensors = [a for a in node.args if isinstance(a, fx.Node)]
+    if len(tensors) != 2 or len(node.args) != 2 or node.kwargs:
+        fname = getattr(node.target, "__name__", str(node.target))
+        raise refuse(node, f"function {fname}", "adds something other than two tensors")
+    cap.emit(node, node.name, AddOp(), (cap.src(tensors[0], node), cap.src(tensors[1], node)),
+             shape or (), "+")
+
+
+def _flatten_function(cap: _Capture, node: fx.Node, shape: Shape) -> None:
+    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+    if start != 1 or end != -1:
+        raise refuse(node, "function flatten", f"flattens dims {start}..{end} (only 1..-1)")
+    cap.emit(node, node.name, FlattenOp(), (cap.src(node.args[0], node),), shape or (),
+             "torch.flatten")
+
+
+def _getitem(cap: _Capture, node: fx.Node, shape: Shape) -> None:
+    """``x.size()[0]`` / ``x.shape[0]``: a batch size, not a tensor."""
+    if node.args and isinstance(node.args[0], fx.Node) and node.args[0].name in cap.sizes:
+        cap.sizes.add(node.name)
+        return
+    raise refuse(node, "function getitem")
+
+
+def _getattr(cap: _Capture, node: fx.Node, shape: Shape) -> None:
+    """``x.shape``: a size, not a tensor."""
+    if len(node.args) == 2 and node.args[1] == "shape":
+        cap.sizes.add(node.name)
+        return
+    raise refuse(node, "function getattr")
+
+
+_FUNCTIONS: dict[Any, Handler] = {
+    operator.add: _add, torch.add: _add, operator.iadd: _add, torch.flatten: _flatten_function,
+    operator.getitem: _getitem, getattr: _getattr,
+}
+
+
+# ---- call_method names
+
+
+def _size(cap: _Capture, node: fx.Node, shape: Shape) -> None:
+    cap.sizes.add(node.name)
+
+
+def _reshape(cap: _Capture, node: fx.Node, shape: Shape) -> None:
+    """``x.view(x.size(0), -1)``, ``x.reshape(...)`` alike, ``x.flatten(1)``: a flatten."""
+    method = str(node.target)
+    if method == "flatten":
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        ok = start == 1 and len(node.args) <= 2
+    else:
+        dims = node.args[1:]
+        ok = (len(dims) == 2 and isinstance(dims[0], fx.Node) and dims[0].name in cap.sizes
+              and dims[1] == -1)
+    if not ok or shape is None or len(shape) != 1:
+        raise refuse(node, f"method {method}", "reshapes other than x.view(x.size(0), -1)")
+    cap.emit(node, node.name, FlattenOp(), (cap.src(node.args[0], node),), shape,
+             f".{method}")
+
+
+_METHODS: dict[str, Handler] = {"size": _size, "view": _reshape, "reshape": _reshape,
+                                "flatten": _reshape}
+
+
+# --------------------------------------------------------------------------- capture
 
 
 def capture(model: nn.Module, input_shape: tuple[int, ...]) -> AnnGraph:
@@ -203,116 +265,17 @@ def capture(model: nn.Module, input_shape: tuple[int, ...]) -> AnnGraph:
         raise GraphError(f"model does not run on inputs of shape {tuple(input_shape)}: "
                          f"{msg}") from None
 
-    nodes: list[AnnNode] = []
-    alias: dict[str, str] = {}  # fx node name -> AnnNode name it stands for
-    sizes: set[str] = set()  # fx nodes that are x.size(0) / x.shape[0]
-    output: str | None = None
-
-    def src(arg: Any, node: fx.Node) -> str:
-        if not isinstance(arg, fx.Node) or arg.name not in alias:
-            raise GraphError(f"node '{node.name}' takes an input that is not a captured tensor")
-        return alias[arg.name]
-
-    modules = dict(gm.named_modules())
+    cap = _Capture(tuple(input_shape), dict(gm.named_modules()))
     for node in gm.graph.nodes:
-        shape = _shape_of(node)
-        if node.op == "placeholder":
-            if any(isinstance(n.op, InputOp) for n in nodes):
-                raise GraphError(f"node '{node.name}': the model takes more than one input")
-            nodes.append(AnnNode(node.name, InputOp(), (), tuple(input_shape), "input"))
-            alias[node.name] = node.name
-            continue
-        if node.op == "output":
-            out = node.args[0]
-            if not isinstance(out, fx.Node):
-                raise GraphError("the model must return a single tensor (the readout)")
-            output = src(out, node)
-            continue
-        if node.op == "get_attr":
-            raise _refuse(node, f"attribute '{node.target}'", "reads a tensor attribute")
-        if node.op == "call_module":
-            m = modules[str(node.target)]
-            in_node = node.args[0] if node.args else None
-            in_shape = _shape_of(in_node) if isinstance(in_node, fx.Node) else None
-            if shape is None:
-                raise _refuse(node, f"{type(m).__name__} '{node.target}'", "returns no tensor")
-            op = _module_op(node, m, in_shape or (), shape)
-            if len(node.args) != 1 or node.kwargs:
-                raise _refuse(node, f"{type(m).__name__} '{node.target}'",
-                              "is called with more than one argument")
-            if op is None:
-                alias[node.name] = src(node.args[0], node)
-                continue
-            name = _readable_name(node, op)
-            nodes.append(AnnNode(name, op, (src(node.args[0], node),), shape, str(node.target)))
-            alias[node.name] = name
-            continue
-        if node.op == "call_function":
-            _capture_function(node, shape, nodes, alias, sizes, src)
-            continue
-        if node.op == "call_method":
-            _capture_method(node, shape, nodes, alias, sizes, src)
-            continue
-        raise _refuse(node, node.op)
-    if output is None:
+        handler = _OPCODES.get(node.op)
+        if handler is None:
+            raise refuse(node, node.op)
+        handler(cap, node, _shape_of(node))
+    if cap.output is None:
         raise GraphError("the model returns nothing")
-    graph = AnnGraph(tuple(nodes), output)
+    graph = AnnGraph(tuple(cap.nodes), cap.output)
     _check_readout(graph)
     return graph
-
-
-def _capture_function(node: fx.Node, shape: tuple[int, ...] | None, nodes: list[AnnNode],
-                      alias: dict[str, str], sizes: set[str], src: Any) -> None:
-    fn = node.target
-    fname = getattr(fn, "__name__", str(fn))
-    if fn in (operator.add, torch.add, operator.iadd):
-        tensors = [a for a in node.args if isinstance(a, fx.Node)]
-        if len(tensors) != 2 or len(node.args) != 2 or node.kwargs:
-            raise _refuse(node, f"function {fname}", "adds something other than two tensors")
-        nodes.append(AnnNode(node.name, AddOp(), (src(tensors[0], node), src(tensors[1], node)),
-                             shape or (), "+"))
-        alias[node.name] = node.name
-        return
-    if fn is torch.flatten:
-        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-        if start != 1 or end != -1:
-            raise _refuse(node, "function flatten", f"flattens dims {start}..{end} (only 1..-1)")
-        nodes.append(AnnNode(node.name, FlattenOp(), (src(node.args[0], node),), shape or (),
-                             "torch.flatten"))
-        alias[node.name] = node.name
-        return
-    if fn is operator.getitem and node.args and isinstance(node.args[0], fx.Node) \
-            and node.args[0].name in sizes:
-        sizes.add(node.name)
-        return
-    if fn is getattr and len(node.args) == 2 and node.args[1] == "shape":
-        sizes.add(node.name)
-        return
-    raise _refuse(node, f"function {fname}")
-
-
-def _capture_method(node: fx.Node, shape: tuple[int, ...] | None, nodes: list[AnnNode],
-                    alias: dict[str, str], sizes: set[str], src: Any) -> None:
-    method = str(node.target)
-    if method == "size":
-        sizes.add(node.name)
-        return
-    if method in ("view", "reshape", "flatten"):
-        if method == "flatten":
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            ok = start == 1 and len(node.args) <= 2
-        else:
-            dims = node.args[1:]
-            ok = (len(dims) == 2 and isinstance(dims[0], fx.Node) and dims[0].name in sizes
-                  and dims[1] == -1)
-        if not ok or shape is None or len(shape) != 1:
-            raise _refuse(node, f"method {method}", "reshapes other than x.view(x.size(0), -1)")
-        nodes.append(AnnNode(node.name, FlattenOp(), (src(node.args[0], node),), shape,
-                             f".{method}"))
-        alias[node.name] = node.name
-        return
-    raise _refuse(node, f"method {method}")
 
 
 def _check_readout(graph: AnnGraph) -> None:
@@ -324,3 +287,4 @@ def _check_readout(graph: AnnGraph) -> None:
                          f"output comes from node '{node.name}' ({type(node.op).__name__})")
 
 
+__all__ = ["activation_threshold", "capture", "is_activation"]

@@ -26,18 +26,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from csqcfs_deploy.errors import QuantizationError
+from csqcfs_deploy.errors import GraphError, QuantizationError
 from csqcfs_deploy.ir import (
-    ConvProjection,
-    DenseProjection,
     IFGraph,
     IFLayer,
     InputLayer,
+    Layer,
     ProjectionT,
     ReadoutLayer,
 )
+from csqcfs_deploy.ir.kinds import kind_name, max_abs_output
+from csqcfs_deploy.ir.nodes import Array
 from csqcfs_deploy.ir.profiles import Profile, get_profile
-from csqcfs_deploy.ir.synapses import max_abs_output
 
 
 @dataclass(frozen=True)
@@ -83,23 +83,26 @@ def signed_bits(max_abs: float) -> int:
     return int(math.ceil(math.log2(max_abs + 1))) + 1 if max_abs > 0 else 1
 
 
-def _row_max(p: ProjectionT, w: np.ndarray) -> np.ndarray:
+def _row_max(w: Array) -> Array:
+    """Per output channel (axis 0, every kind), the largest ``|w|`` of its synapses (O,)."""
     a = np.abs(w)
-    return a.reshape(a.shape[0], -1).max(axis=1) if a.ndim > 1 else a
+    rows: Array = a.reshape(a.shape[0], -1).max(axis=1) if a.ndim > 1 else a
+    return rows
 
 
-def _round_weights(w: np.ndarray, k: np.ndarray, profile: Profile) -> np.ndarray:
+def _round_weights(w: Array, k: Array, profile: Profile) -> Array:
+    """``round(w * K_c)`` per output channel (axis 0), on the profile's weight step."""
     shape = (-1,) + (1,) * (w.ndim - 1)
     step = profile.weight_step
-    return (np.rint(w * k.reshape(shape) / step) * step).astype(np.int64)
+    out: Array = (np.rint(w * k.reshape(shape) / step) * step).astype(np.int64)
+    return out
 
 
-def _kind(p: ProjectionT) -> str:
-    if isinstance(p, ConvProjection):
-        return "conv"
-    if isinstance(p, DenseProjection):
-        return "dense"
-    return "identity"
+def _neuron_group(graph: IFGraph, name: str) -> IFLayer | ReadoutLayer:
+    layer = graph.layer(name)
+    if not isinstance(layer, (IFLayer, ReadoutLayer)):
+        raise GraphError(f"layer {name} has incoming projections but is not a neuron group")
+    return layer
 
 
 def quantize(graph: IFGraph, profile: Profile | str, per_channel: bool | None = None
@@ -121,7 +124,7 @@ def quantize(graph: IFGraph, profile: Profile | str, per_channel: bool | None = 
     unit = prof.threshold_unit
     max_input = enc.max_abs_int
 
-    new_layers: dict[str, object] = {}
+    new_layers: dict[str, Layer] = {}
     new_projs: dict[str, ProjectionT] = {}
     reports: list[LayerReport] = []
     warnings: list[str] = []
@@ -131,13 +134,13 @@ def quantize(graph: IFGraph, profile: Profile | str, per_channel: bool | None = 
     max_src = {inp.name: float(max_input)}
 
     for name in graph.topological_order()[1:]:
-        layer = graph.node(name)
+        layer = _neuron_group(graph, name)
         projs = graph.incoming(name)
         real_w = {p.name: p.weight * (in_scale if p.src == inp.name else 1.0) for p in projs}
         c = layer.channels
         row_max = np.zeros(c)
         for p in projs:
-            row_max = np.maximum(row_max, _row_max(p, real_w[p.name]))
+            row_max = np.maximum(row_max, _row_max(real_w[p.name]))
         bias = np.asarray(layer.bias, dtype=np.float64)
         notes: list[str] = []
         with np.errstate(divide="ignore"):
@@ -160,8 +163,8 @@ def quantize(graph: IFGraph, profile: Profile | str, per_channel: bool | None = 
                 raise QuantizationError(
                     f"layer {name}: bias {bias[ch]:.4g} (x threshold) in channel {ch} exceeds "
                     f"profile {prof.name}'s bias limit {prof.bias_max} even at threshold 1")
-            worst = max(projs, key=lambda p: float(_row_max(p, real_w[p.name])[ch]))
-            w = float(_row_max(worst, real_w[worst.name])[ch])
+            worst = max(projs, key=lambda p: float(_row_max(real_w[p.name])[ch]))
+            w = float(_row_max(real_w[worst.name])[ch])
             raise QuantizationError(
                 f"layer {name}: weight {w:.4g} (in threshold units) of {worst.name} in channel "
                 f"{ch} needs more than the {prof.weight_bits}-bit weights of profile "
@@ -194,7 +197,6 @@ def quantize(graph: IFGraph, profile: Profile | str, per_channel: bool | None = 
             max_src[name] = 1.0
             th_min, th_max = int(v_th.min()), int(v_th.max())
         else:
-            assert isinstance(layer, ReadoutLayer)
             kk = float(k[0])
             b_int = np.array([prof.round_bias(b * kk * unit) for b in bias], dtype=np.int64)
             new_layers[name] = ReadoutLayer(name, layer.shape, b_int, layer.scale / (kk * unit))
@@ -210,7 +212,7 @@ def quantize(graph: IFGraph, profile: Profile | str, per_channel: bool | None = 
                 "end model this exactly")
         reports.append(LayerReport(
             name=name, kind=("readout" if isinstance(layer, ReadoutLayer)
-                             else "+".join(sorted({_kind(p) for p in projs}))),
+                             else "+".join(sorted({kind_name(p) for p in projs}))),
             shape=layer.shape, neurons=int(np.prod(layer.shape)),
             weight_bits_used=signed_bits(w_max_int / prof.weight_step),
             threshold_min=th_min, threshold_max=th_max, scale=float(np.mean(scale)),
@@ -220,7 +222,7 @@ def quantize(graph: IFGraph, profile: Profile | str, per_channel: bool | None = 
 
     meta = dataclasses.replace(graph.meta, profile=prof.name)
     qgraph = IFGraph(
-        layers=tuple(new_layers[la.name] for la in graph.layers),  # type: ignore[misc]
+        layers=tuple(new_layers[la.name] for la in graph.layers),
         projections=tuple(new_projs[p.name] for p in graph.projections),
         meta=meta,
     )
@@ -244,9 +246,8 @@ def check_profile(graph: IFGraph) -> None:
         if prof.weight_step > 1 and np.any(w % prof.weight_step):
             raise QuantizationError(f"projection {p.name}: weights must be multiples of "
                                     f"{prof.weight_step} in profile {prof.name}")
-        if p.weight_exp != 0 and isinstance(p, ConvProjection):
-            raise QuantizationError(f"projection {p.name}: a conv weight exponent is not "
-                                    "supported (Lava's fixed-point Conv ignores it)")
+        if p.weight_exp != 0 and p.weight_exp_refusal is not None:
+            raise QuantizationError(f"projection {p.name}: {p.weight_exp_refusal}")
     unit = prof.threshold_unit
     for la in graph.layers:
         if isinstance(la, IFLayer):

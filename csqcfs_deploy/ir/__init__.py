@@ -1,10 +1,12 @@
 """The intermediate representations and their semantics.
 
 * :mod:`.ann`: the captured ANN graph (what ``convert.capture`` produces);
-* :mod:`.nodes`, :mod:`.graph`: the IF graph's nodes and the graph;
+* :mod:`.nodes`, :mod:`.graph`: the IF graph's layers and the graph;
+* :mod:`.kinds`: the synapse kinds (conv, dense, identity: ANN op, IF projection and
+  every kind-generic operation on them) and the per-consumer :class:`~.kinds.KindTable`;
 * :mod:`.ifg`: its file format; :mod:`.encoding`: the input encoding;
 * :mod:`.profiles`: the integer arithmetic of each hardware profile;
-* :mod:`.synapses`: kind-generic operations on projections;
+* :mod:`.synapses`: the synaptic arithmetic the back ends call (from :mod:`.kinds`);
 * :mod:`.schedule` and :mod:`.neuron`: the run timing and the one specification of
   the neuron rule.
 
@@ -14,17 +16,20 @@ This package never imports a back end (``simulators``) or a file writer (``expor
 from csqcfs_deploy.ir.encoding import InputEncoding
 from csqcfs_deploy.ir.graph import IFGraph
 from csqcfs_deploy.ir.ifg import graph_from_bytes, graph_to_bytes, load_graph, save_graph
-from csqcfs_deploy.ir.nodes import (
-    NODE_TYPES,
+from csqcfs_deploy.ir.kinds import (
     ConvProjection,
     DenseProjection,
-    GraphMeta,
     IdentityProjection,
+    ProjectionT,
+)
+from csqcfs_deploy.ir.nodes import (
+    NODE_TYPES,
+    GraphMeta,
     IFLayer,
     InputLayer,
     Layer,
     Node,
-    ProjectionT,
+    Projection,
     ReadoutLayer,
     SumPool,
 )
@@ -43,6 +48,7 @@ __all__ = [
     "InputLayer",
     "Layer",
     "Node",
+    "Projection",
     "ProjectionT",
     "ReadoutLayer",
     "SumPool",

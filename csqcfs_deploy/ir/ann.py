@@ -3,58 +3,47 @@
 Each node holds one operation with float64 numpy parameters and its output
 shape (without the batch dimension). :func:`capture` (in ``convert``) builds it
 from a torch model; the fold passes rewrite it; :func:`evaluate_ann` runs it.
+
+The synapse ops (:data:`WEIGHTED`: ``ConvOp``, ``LinearOp``, ``IdentityOp``) are
+defined with their kinds in :mod:`csqcfs_deploy.ir.kinds`; the others here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
-import numpy as np
 import torch
 from torch.nn import functional as F
 
 from csqcfs_deploy.errors import GraphError
+from csqcfs_deploy.ir.kinds import (
+    WEIGHTED_OPS,
+    ConvOp,
+    FloatArray,
+    IdentityOp,
+    KindTable,
+    LinearOp,
+    WeightedOpT,
+    op_forward,
+    per_channel_view,
+)
 
 # --------------------------------------------------------------------------- ops
 
 
 @dataclass(frozen=True, eq=False)
 class InputOp:
-    pass
-
-
-@dataclass(frozen=True, eq=False)
-class ConvOp:
-    """y = conv2d(x, weight, bias), weight (O, I/groups, kH, kW)."""
-
-    weight: np.ndarray
-    bias: np.ndarray | None
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    groups: int
-
-
-@dataclass(frozen=True, eq=False)
-class LinearOp:
-    """y = x @ weight.T + bias, weight (O, F)."""
-
-    weight: np.ndarray
-    bias: np.ndarray | None
-
-
-@dataclass(frozen=True, eq=False)
-class IdentityOp:
-    """y[c] = weight[c] * x[c] (an explicit shortcut synapse), weight (C,)."""
-
-    weight: np.ndarray
+    """The network's input x (N, *input_shape)."""
 
 
 @dataclass(frozen=True, eq=False)
 class BatchNormOp:
     """y = x * scale[c] + shift[c] (eval-mode statistics already applied)."""
 
-    scale: np.ndarray
-    shift: np.ndarray
+    scale: FloatArray
+    shift: FloatArray
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,10 +54,10 @@ class ActOp:
     scaling); ``real_threshold`` stays the trained ``lambda_c``.
     """
 
-    threshold: np.ndarray
+    threshold: FloatArray
     levels: int
     phi: float
-    real_threshold: np.ndarray
+    real_threshold: FloatArray
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,26 +80,29 @@ class SumPoolOp:
 
 @dataclass(frozen=True, eq=False)
 class FlattenOp:
-    pass
+    """(N, C, H, W) -> (N, C*H*W), C-major."""
 
 
 @dataclass(frozen=True, eq=False)
 class AddOp:
-    pass
+    """y = x0 + x1 (a residual sum)."""
 
 
 @dataclass(frozen=True, eq=False)
 class DropoutOp:
-    pass
+    """The identity at inference."""
 
 
-Op = (InputOp | ConvOp | LinearOp | IdentityOp | BatchNormOp | ActOp | AvgPoolOp | SumPoolOp
-      | FlattenOp | AddOp | DropoutOp)
-WEIGHTED = (ConvOp, LinearOp, IdentityOp)
+#: Every op of the captured graph (the synapse kinds: :data:`~csqcfs_deploy.ir.kinds.WeightedOpT`).
+Op = (InputOp | WeightedOpT | BatchNormOp | ActOp | AvgPoolOp | SumPoolOp | FlattenOp | AddOp
+      | DropoutOp)
+WEIGHTED = WEIGHTED_OPS
 
 
 @dataclass(frozen=True, eq=False)
 class AnnNode:
+    """One op of the captured graph, its input node names and output shape (no batch dim)."""
+
     name: str
     op: Op
     inputs: tuple[str, ...]
@@ -173,48 +165,86 @@ class AnnGraph:
 
 # --------------------------------------------------------------------------- evaluate
 
+#: How each op computes its output from its inputs (N, ...) float64 and the network input x.
+Evaluator = Callable[[Any, list[torch.Tensor], torch.Tensor], torch.Tensor]
+_EVALUATE: KindTable[Evaluator] = KindTable("evaluate_ann")
+
+
+@_EVALUATE.register(*WEIGHTED_OPS)
+def _weighted(op: WeightedOpT, args: list[torch.Tensor],
+              x: torch.Tensor) -> torch.Tensor:
+    return op_forward(op, args[0])
+
+
+@_EVALUATE.register(InputOp)
+def _input(op: InputOp, args: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float64)
+
+
+@_EVALUATE.register(BatchNormOp)
+def _batchnorm(op: BatchNormOp, args: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return (args[0] * per_channel_view(torch.from_numpy(op.scale), args[0])
+            + per_channel_view(torch.from_numpy(op.shift), args[0]))
+
+
+@_EVALUATE.register(ActOp)
+def _act(op: ActOp, args: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``floor(clip(z / lam, 0, 1) * L + phi) / L * lam`` per channel."""
+    lam = per_channel_view(torch.from_numpy(op.threshold), args[0])
+    y = torch.clamp(args[0] / lam, 0.0, 1.0)
+    return torch.floor(y * op.levels + op.phi) / op.levels * lam
+
+
+@_EVALUATE.register(AvgPoolOp)
+def _avgpool(op: AvgPoolOp, args: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return F.avg_pool2d(args[0], op.kernel, op.stride, op.padding, count_include_pad=True)
+
+
+@_EVALUATE.register(SumPoolOp)
+def _sumpool(op: SumPoolOp, args: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    k = op.kernel[0] * op.kernel[1]
+    return F.avg_pool2d(args[0], op.kernel, op.stride, op.padding, count_include_pad=True) * k
+
+
+@_EVALUATE.register(FlattenOp)
+def _flatten(op: FlattenOp, args: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return args[0].flatten(1)
+
+
+@_EVALUATE.register(AddOp)
+def _add(op: AddOp, args: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return args[0] + args[1]
+
+
+@_EVALUATE.register(DropoutOp)
+def _dropout(op: DropoutOp, args: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return args[0]
+
 
 def evaluate_ann(graph: AnnGraph, x: torch.Tensor) -> torch.Tensor:
     """Run an AnnGraph in float64 on real inputs x (N, *input_shape); returns the output."""
     values: dict[str, torch.Tensor] = {}
     for n in graph.nodes:
         args = [values[i] for i in n.inputs]
-        op = n.op
-        if isinstance(op, InputOp):
-            out = x.to(torch.float64)
-        elif isinstance(op, ConvOp):
-            out = F.conv2d(args[0], torch.from_numpy(op.weight),
-                           None if op.bias is None else torch.from_numpy(op.bias),
-                           op.stride, op.padding, 1, op.groups)
-        elif isinstance(op, LinearOp):
-            out = F.linear(args[0], torch.from_numpy(op.weight),
-                           None if op.bias is None else torch.from_numpy(op.bias))
-        elif isinstance(op, IdentityOp):
-            out = args[0] * _per_channel(torch.from_numpy(op.weight), args[0])
-        elif isinstance(op, BatchNormOp):
-            out = (args[0] * _per_channel(torch.from_numpy(op.scale), args[0])
-                   + _per_channel(torch.from_numpy(op.shift), args[0]))
-        elif isinstance(op, ActOp):
-            lam = _per_channel(torch.from_numpy(op.threshold), args[0])
-            y = torch.clamp(args[0] / lam, 0.0, 1.0)
-            out = torch.floor(y * op.levels + op.phi) / op.levels * lam
-        elif isinstance(op, AvgPoolOp):
-            out = F.avg_pool2d(args[0], op.kernel, op.stride, op.padding, count_include_pad=True)
-        elif isinstance(op, SumPoolOp):
-            k = op.kernel[0] * op.kernel[1]
-            out = F.avg_pool2d(args[0], op.kernel, op.stride, op.padding,
-                               count_include_pad=True) * k
-        elif isinstance(op, FlattenOp):
-            out = args[0].flatten(1)
-        elif isinstance(op, AddOp):
-            out = args[0] + args[1]
-        elif isinstance(op, DropoutOp):
-            out = args[0]
-        else:  # pragma: no cover - every op is handled above
-            raise GraphError(f"cannot evaluate op {type(op).__name__}")
-        values[n.name] = out
+        values[n.name] = _EVALUATE.lookup(n.op)(n.op, args, x)
     return values[graph.output]
 
 
-def _per_channel(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.view(1, -1, *([1] * (like.dim() - 2)))
+__all__ = [
+    "WEIGHTED",
+    "ActOp",
+    "AddOp",
+    "AnnGraph",
+    "AnnNode",
+    "AvgPoolOp",
+    "BatchNormOp",
+    "ConvOp",
+    "DropoutOp",
+    "FlattenOp",
+    "IdentityOp",
+    "InputOp",
+    "LinearOp",
+    "Op",
+    "SumPoolOp",
+    "evaluate_ann",
+]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from csqcfs_deploy.errors import DatasetError
 
@@ -70,20 +72,25 @@ class InputEncoding:
         )
         return max_abs / self.int_range[1]
 
-    def normalize(self, raw: np.ndarray) -> np.ndarray:
+    def normalize(self, raw: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
         """Raw (N, C, H, W) -> real network input, float32."""
         c = raw.shape[1]
         mean = np.asarray(self.mean, dtype=np.float64).reshape(1, c, *([1] * (raw.ndim - 2)))
         std = np.asarray(self.std, dtype=np.float64).reshape(1, c, *([1] * (raw.ndim - 2)))
-        return ((raw.astype(np.float64) / self.raw_max - mean) / std).astype(np.float32)
+        out: npt.NDArray[np.float32] = (
+            (raw.astype(np.float64) / self.raw_max - mean) / std).astype(np.float32)
+        return out
 
-    def to_int(self, raw: np.ndarray) -> np.ndarray:
+    def to_int(self, raw: npt.NDArray[Any]) -> npt.NDArray[np.int64]:
         """Raw (N, C, H, W) -> integer input (int64), see class docstring."""
+        out: npt.NDArray[np.int64]
         if self.exact:
-            return np.rint(raw).astype(np.int64)
+            out = np.rint(raw).astype(np.int64)
+            return out
         x = self.normalize(raw).astype(np.float64)
         lo, hi = self.int_range
-        return np.clip(np.rint(x / self.scale), lo, hi).astype(np.int64)
+        out = np.clip(np.rint(x / self.scale), lo, hi).astype(np.int64)
+        return out
 
     def to_json(self) -> dict[str, object]:
         return {"raw_max": self.raw_max, "mean": list(self.mean), "std": list(self.std),

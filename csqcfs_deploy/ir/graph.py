@@ -7,15 +7,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from csqcfs_deploy.errors import GraphError
+from csqcfs_deploy.ir.kinds import PROJECTION_KINDS, ProjectionT
 from csqcfs_deploy.ir.nodes import (
     GraphMeta,
     IFLayer,
     InputLayer,
     Layer,
     Node,
-    ProjectionT,
     ReadoutLayer,
-    _set,
+    set_field,
 )
 
 # --------------------------------------------------------------------------- graph
@@ -31,14 +31,14 @@ class IFGraph(Node):
     _by_name: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        _set(self, "layers", tuple(self.layers))
-        _set(self, "projections", tuple(self.projections))
+        set_field(self, "layers", tuple(self.layers))
+        set_field(self, "projections", tuple(self.projections))
         by_name: dict[str, Any] = {}
         for node in (*self.layers, *self.projections):
             if node.name in by_name:
                 raise GraphError(f"duplicate node name {node.name!r}")
             by_name[node.name] = node
-        _set(self, "_by_name", by_name)
+        set_field(self, "_by_name", by_name)
         inputs = [la for la in self.layers if isinstance(la, InputLayer)]
         readouts = [la for la in self.layers if isinstance(la, ReadoutLayer)]
         if len(inputs) != 1:
@@ -80,9 +80,9 @@ class IFGraph(Node):
     def projection(self, name: str) -> ProjectionT:
         """The projection named ``name`` (GraphError if there is none, or it is a layer)."""
         node = self.node(name)
-        if isinstance(node, (InputLayer, IFLayer, ReadoutLayer)):
+        if not isinstance(node, PROJECTION_KINDS):
             raise GraphError(f"node {name!r} is not a projection")
-        return node  # type: ignore[no-any-return]
+        return node
 
     @property
     def input(self) -> InputLayer:
@@ -135,7 +135,8 @@ class IFGraph(Node):
         return depth
 
     def replace(self, **changes: Any) -> IFGraph:
-        kwargs = {"layers": self.layers, "projections": self.projections, "meta": self.meta}
+        kwargs: dict[str, Any] = {"layers": self.layers, "projections": self.projections,
+                                  "meta": self.meta}
         kwargs.update(changes)
         return IFGraph(**kwargs)
 

@@ -18,7 +18,7 @@ import numpy as np
 from csqcfs_deploy.errors import GraphError, InputFileError
 from csqcfs_deploy.files import require_file, write_atomic
 from csqcfs_deploy.ir.graph import IFGraph
-from csqcfs_deploy.ir.nodes import NODE_TYPES, Node
+from csqcfs_deploy.ir.nodes import NODE_TYPES, Array, Node
 
 IFG_FORMAT = "csqcfs-ifg"
 IFG_VERSION = 1
@@ -27,7 +27,7 @@ IFG_VERSION = 1
 # --------------------------------------------------------------------------- save / load
 
 
-def _encode(value: Any, arrays: dict[str, np.ndarray], prefix: str) -> Any:
+def _encode(value: Any, arrays: dict[str, Array], prefix: str) -> Any:
     """JSON-able description of a field value; arrays go to ``arrays``."""
     if isinstance(value, np.ndarray):
         arrays[prefix] = value
@@ -41,7 +41,7 @@ def _encode(value: Any, arrays: dict[str, np.ndarray], prefix: str) -> Any:
     raise GraphError(f"cannot serialise field {prefix} of type {type(value).__name__}")
 
 
-def _encode_node(node: Node, arrays: dict[str, np.ndarray], prefix: str) -> dict[str, Any]:
+def _encode_node(node: Node, arrays: dict[str, Array], prefix: str) -> dict[str, Any]:
     type_name = type(node).__name__
     if NODE_TYPES.get(type_name) is not type(node):
         raise GraphError(f"node type {type_name} is not registered")
@@ -53,7 +53,7 @@ def _encode_node(node: Node, arrays: dict[str, np.ndarray], prefix: str) -> dict
     return {"__type__": type_name, "fields": fields}
 
 
-def _decode(value: Any, arrays: dict[str, np.ndarray]) -> Any:
+def _decode(value: Any, arrays: dict[str, Array]) -> Any:
     if isinstance(value, dict):
         if "__array__" in value:
             key = value["__array__"]
@@ -76,7 +76,7 @@ def _decode(value: Any, arrays: dict[str, np.ndarray]) -> Any:
 
 def graph_to_bytes(graph: IFGraph) -> bytes:
     """The single-file format: an .npz archive with a JSON manifest and the arrays."""
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, Array] = {}
     manifest = {
         "format": IFG_FORMAT,
         "version": IFG_VERSION,
@@ -121,7 +121,11 @@ def graph_from_bytes(data: bytes, source: str = "<bytes>") -> IFGraph:
 def save_graph(graph: IFGraph, path: str | Path) -> Path:
     """Write ``graph`` to ``path`` atomically (a failure leaves no file)."""
     data = graph_to_bytes(graph)
-    return write_atomic(path, lambda tmp: tmp.write_bytes(data))
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(data)
+
+    return write_atomic(path, write)
 
 
 def load_graph(path: str | Path) -> IFGraph:

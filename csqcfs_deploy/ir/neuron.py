@@ -27,7 +27,7 @@ Every back end either uses these or says in its docstring that it holds a
 *deliberate independent copy* and why: the Lava processes (the rule must run
 inside Lava's own process models, in numpy), the Norse cells (the rule in Norse's
 functional form, with Norse's surrogate threshold, so that Norse itself is
-checked), and the simulator's in-place forms (:mod:`csqcfs_deploy.simulators.fast`,
+checked), and the simulator's in-place forms (:mod:`csqcfs_deploy.simulators.integer.fast`,
 checked against :func:`if_step` in ``tests/test_simulator.py``).
 """
 
@@ -36,6 +36,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
 import torch
 
 from csqcfs_deploy.ir.graph import IFGraph
@@ -55,6 +57,24 @@ class IFParams:
     bias: torch.Tensor
     reset: str
     profile: Profile
+
+
+def per_channel(values: npt.ArrayLike, ndim: int, dtype: torch.dtype | None = None
+                ) -> torch.Tensor:
+    """Per-channel values (C,) as a (1, C, 1, ..., 1) tensor of ``ndim`` dimensions, to
+    broadcast against (N, C, ...) (``ndim = 1 + len(shape)``); ``dtype`` None keeps the
+    array's."""
+    t = torch.tensor(np.asarray(values), dtype=dtype)
+    return t.view(1, -1, *([1] * (ndim - 2)))
+
+
+def if_params(layer: IFLayer, profile: Profile) -> IFParams:
+    """The :class:`IFParams` of an integer IF layer: int64 (1, C, 1, 1) or (1, C)."""
+    ndim = len(layer.shape) + 1
+    return IFParams(v_th=per_channel(layer.v_th, ndim, torch.int64),
+                    v_init=per_channel(layer.v_init, ndim, torch.int64),
+                    bias=per_channel(layer.bias, ndim, torch.int64),
+                    reset=layer.reset, profile=profile)
 
 
 def if_step(current: torch.Tensor, v: torch.Tensor, params: IFParams

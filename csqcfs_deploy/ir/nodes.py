@@ -1,10 +1,11 @@
-"""The IF graph: the hardware-ready integrate-and-fire network (SPEC section 3).
+"""The IF graph's nodes: layers, the projection base, sum pools, graph metadata (SPEC section 3).
 
 A DAG of *layers* (one :class:`InputLayer`, :class:`IFLayer` neuron groups, one
-non-spiking :class:`ReadoutLayer`) joined by *projections* (synapse groups:
-:class:`ConvProjection`, :class:`DenseProjection`, :class:`IdentityProjection`).
-A projection may start with a sum pool (:class:`SumPool`, the folded average
-pool) and a dense projection flattens a (C, H, W) source in C-major order.
+non-spiking :class:`ReadoutLayer`) joined by *projections* (synapse groups). The
+projection *kinds* (``ConvProjection``, ``DenseProjection``, ``IdentityProjection``)
+live in :mod:`csqcfs_deploy.ir.kinds`, one module per kind, on the :class:`Projection`
+base defined here. A projection may start with a sum pool (:class:`SumPool`, the
+folded average pool).
 
 A neuron group receives the sum of its incoming projections. In one step of
 the integer simulation (SPEC section 4), with ``s_src`` the source's spikes
@@ -13,14 +14,15 @@ the integer simulation (SPEC section 4), with ``s_src`` the source's spikes
     acc = sum over projections p of shift(W_p (*) pool_p(s_src_p), weight_exp_p)
     v   = saturate(v + current(acc) + bias);  s = v (>|>=) v_th;  v -= s * v_th
 
-Arrays are per output channel, shape (C,): ``v_th``, ``v_init``, ``bias``;
-weights are (O, I/groups, kH, kW) for conv, (O, F) for dense, (C,) for
-identity. A graph is either *float* (``meta.profile is None``: the folded
+Arrays are per output channel, shape (C,): ``v_th``, ``v_init``, ``bias``; a
+projection's weight has its output channel on axis 0 (the rest are that output's
+synapses). A graph is either *float* (``meta.profile is None``: the folded
 network in threshold units, ``v_th = 1``, ``v_init = phi``) or *integer*
 (every array int64, in the profile's membrane units).
 
 Every node is a frozen dataclass that validates itself; one registry
-(:data:`NODE_TYPES`) drives both :func:`save_graph` and :func:`load_graph`.
+(:data:`NODE_TYPES`, class name = the ``.ifg`` type tag) drives both
+:func:`~csqcfs_deploy.ir.ifg.save_graph` and :func:`~csqcfs_deploy.ir.ifg.load_graph`.
 """
 
 from __future__ import annotations
@@ -31,12 +33,16 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
 from csqcfs_deploy.errors import GraphError
 from csqcfs_deploy.ir.encoding import InputEncoding
 
 NODE_TYPES: dict[str, type] = {}
 _T = TypeVar("_T", bound=type)
+
+#: A node's numeric array: int64 in an integer graph, float64 in a float graph.
+Array = npt.NDArray[Any]
 
 
 def register(cls: _T) -> _T:
@@ -45,7 +51,8 @@ def register(cls: _T) -> _T:
     return cls
 
 
-def _as_shape(value: Any, what: str) -> tuple[int, ...]:
+def as_shape(value: Any, what: str) -> tuple[int, ...]:
+    """``value`` as a non-empty tuple of positive ints (GraphError naming ``what``)."""
     try:
         shape = tuple(int(d) for d in value)
     except TypeError:
@@ -55,7 +62,8 @@ def _as_shape(value: Any, what: str) -> tuple[int, ...]:
     return shape
 
 
-def _as_array(value: Any, what: str, ndim: int | None = None) -> np.ndarray:
+def as_array(value: Any, what: str, ndim: int | None = None) -> Array:
+    """``value`` as a read-only int64 (integers) or finite float64 array of ``ndim`` dims."""
     arr = np.asarray(value)
     if arr.dtype.kind not in "iuf":
         raise GraphError(f"{what} must be numeric, got dtype {arr.dtype}")
@@ -71,7 +79,8 @@ def _as_array(value: Any, what: str, ndim: int | None = None) -> np.ndarray:
     return arr
 
 
-def _set(obj: object, name: str, value: Any) -> None:
+def set_field(obj: object, name: str, value: Any) -> None:
+    """Set a field of a frozen dataclass during its validation (``__post_init__``)."""
     object.__setattr__(obj, name, value)
 
 
@@ -119,9 +128,9 @@ class InputLayer(Node):
     bits: int
 
     def __post_init__(self) -> None:
-        _set(self, "shape", _as_shape(self.shape, f"input {self.name} shape"))
-        _set(self, "mean", tuple(float(m) for m in self.mean))
-        _set(self, "std", tuple(float(s) for s in self.std))
+        set_field(self, "shape", as_shape(self.shape, f"input {self.name} shape"))
+        set_field(self, "mean", tuple(float(m) for m in self.mean))
+        set_field(self, "std", tuple(float(s) for s in self.std))
         if not self.scale > 0:
             raise GraphError(f"input {self.name}: scale must be > 0, got {self.scale}")
         if len(self.mean) != self.shape[0] or len(self.std) != self.shape[0]:
@@ -152,20 +161,20 @@ class IFLayer(Node):
 
     name: str
     shape: tuple[int, ...]
-    v_th: np.ndarray
-    v_init: np.ndarray
-    bias: np.ndarray
-    threshold_real: np.ndarray
+    v_th: Array
+    v_init: Array
+    bias: Array
+    threshold_real: Array
     reset: str = "subtract"
 
     def __post_init__(self) -> None:
-        _set(self, "shape", _as_shape(self.shape, f"layer {self.name} shape"))
+        set_field(self, "shape", as_shape(self.shape, f"layer {self.name} shape"))
         c = self.shape[0]
         for f in ("v_th", "v_init", "bias", "threshold_real"):
-            arr = _as_array(getattr(self, f), f"layer {self.name} {f}", 1)
+            arr = as_array(getattr(self, f), f"layer {self.name} {f}", 1)
             if arr.shape != (c,):
                 raise GraphError(f"layer {self.name}: {f} has shape {arr.shape}, expected ({c},)")
-            _set(self, f, arr)
+            set_field(self, f, arr)
         if np.any(self.v_th <= 0):
             raise GraphError(f"layer {self.name}: non-positive threshold {self.v_th.min()}")
         if np.any(self.threshold_real <= 0):
@@ -195,17 +204,17 @@ class ReadoutLayer(Node):
 
     name: str
     shape: tuple[int, ...]
-    bias: np.ndarray
+    bias: Array
     scale: float
 
     def __post_init__(self) -> None:
-        _set(self, "shape", _as_shape(self.shape, f"readout {self.name} shape"))
+        set_field(self, "shape", as_shape(self.shape, f"readout {self.name} shape"))
         if len(self.shape) != 1:
             raise GraphError(f"readout {self.name} must be 1-D, got {self.shape}")
-        arr = _as_array(self.bias, f"readout {self.name} bias", 1)
+        arr = as_array(self.bias, f"readout {self.name} bias", 1)
         if arr.shape != self.shape:
             raise GraphError(f"readout {self.name}: bias shape {arr.shape} != {self.shape}")
-        _set(self, "bias", arr)
+        set_field(self, "bias", arr)
         if not self.scale > 0:
             raise GraphError(f"readout {self.name}: scale must be > 0")
 
@@ -224,7 +233,8 @@ Layer = InputLayer | IFLayer | ReadoutLayer
 # --------------------------------------------------------------------------- projections
 
 
-def _pool_out(size: int, k: int, s: int, p: int) -> int:
+def window_out(size: int, k: int, s: int, p: int) -> int:
+    """Output size of a window ``k``, stride ``s``, zero padding ``p`` over ``size``."""
     return (size + 2 * p - k) // s + 1
 
 
@@ -233,20 +243,20 @@ def _pool_out(size: int, k: int, s: int, p: int) -> int:
 class SumPool(Node):
     """Sum over ``kernel`` windows (zero padding), applied before a projection's weights."""
 
-    kernel: tuple[int, ...]
-    stride: tuple[int, ...]
-    padding: tuple[int, ...] = (0, 0)
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
         for f in ("kernel", "stride"):
             val = tuple(int(v) for v in getattr(self, f))
             if len(val) != 2 or min(val) < 1:
                 raise GraphError(f"sum pool {f} must be two positive ints, got {val}")
-            _set(self, f, val)
+            set_field(self, f, val)
         pad = tuple(int(v) for v in self.padding)
         if len(pad) != 2 or min(pad) < 0:
             raise GraphError(f"sum pool padding must be two ints >= 0, got {pad}")
-        _set(self, "padding", pad)
+        set_field(self, "padding", pad)
 
     @property
     def window(self) -> int:
@@ -256,8 +266,8 @@ class SumPool(Node):
         if len(shape) != 3:
             raise GraphError(f"sum pool needs a (C, H, W) input, got {shape}")
         c, h, w = shape
-        oh = _pool_out(h, self.kernel[0], self.stride[0], self.padding[0])
-        ow = _pool_out(w, self.kernel[1], self.stride[1], self.padding[1])
+        oh = window_out(h, self.kernel[0], self.stride[0], self.padding[0])
+        ow = window_out(w, self.kernel[1], self.stride[1], self.padding[1])
         if oh < 1 or ow < 1:
             raise GraphError(f"sum pool {self.kernel} does not fit input {shape}")
         return (c, oh, ow)
@@ -265,16 +275,20 @@ class SumPool(Node):
 
 @dataclass(frozen=True, eq=False)
 class Projection(Node):
-    """Base of synapse groups from layer ``src`` to layer ``dst``.
+    """Base of synapse groups from layer ``src`` to layer ``dst`` (one subclass per kind).
 
-    ``weight_exp``: the summed input is shifted left by it (right, flooring,
-    when negative) before it reaches the neuron (Lava's Dense weight exponent).
+    ``weight`` has the output channel on axis 0 for every kind. ``weight_exp``: the
+    summed input is shifted left by it (right, flooring, when negative) before it
+    reaches the neuron (Lava's Dense weight exponent). ``weight_exp_refusal`` is, for
+    a kind whose integer profiles cannot carry a weight exponent, the reason (else None).
     """
+
+    weight_exp_refusal: ClassVar[str | None] = None
 
     name: str
     src: str
     dst: str
-    weight: np.ndarray
+    weight: Array
     pool: SumPool | None = None
     weight_exp: int = 0
 
@@ -282,11 +296,12 @@ class Projection(Node):
         return src_shape if self.pool is None else self.pool.out_shape(src_shape)
 
     def out_shape(self, src_shape: tuple[int, ...]) -> tuple[int, ...]:
-        raise NotImplementedError
+        """(*dst_shape) for a source of shape ``src_shape``; each kind defines it."""
+        raise NotImplementedError(f"{type(self).__name__} does not define out_shape")
 
     def _check_common(self, ndim: int) -> None:
-        _set(self, "weight", _as_array(self.weight, f"projection {self.name} weight", ndim))
-        _set(self, "weight_exp", int(self.weight_exp))
+        set_field(self, "weight", as_array(self.weight, f"projection {self.name} weight", ndim))
+        set_field(self, "weight_exp", int(self.weight_exp))
         if self.pool is not None and not isinstance(self.pool, SumPool):
             raise GraphError(f"projection {self.name}: pool must be a SumPool")
 
@@ -294,87 +309,12 @@ class Projection(Node):
     def max_abs_row_sum(self) -> float:
         """Largest ``sum |W|`` over the synapses of one output neuron (before pooling).
 
-        Computed once per projection (the node is immutable).
+        The same for every kind (axis 0 of the weight is the output channel); computed
+        once per projection (the node is immutable).
         """
         w = np.abs(self.weight.astype(np.float64))
         rows = w.reshape(w.shape[0], -1).sum(axis=1) if w.ndim > 1 else w
         return float(rows.max(initial=0.0))
-
-
-@register
-@dataclass(frozen=True, eq=False)
-class ConvProjection(Projection):
-    """2-D convolution, weight (O, I/groups, kH, kW), zero padding."""
-
-    stride: tuple[int, ...] = (1, 1)
-    padding: tuple[int, ...] = (0, 0)
-    groups: int = 1
-
-    def __post_init__(self) -> None:
-        self._check_common(4)
-        _set(self, "stride", tuple(int(v) for v in self.stride))
-        _set(self, "padding", tuple(int(v) for v in self.padding))
-        _set(self, "groups", int(self.groups))
-        if len(self.stride) != 2 or min(self.stride) < 1:
-            raise GraphError(f"projection {self.name}: bad stride {self.stride}")
-        if len(self.padding) != 2 or min(self.padding) < 0:
-            raise GraphError(f"projection {self.name}: bad padding {self.padding}")
-        if self.groups < 1 or self.weight.shape[0] % self.groups:
-            raise GraphError(f"projection {self.name}: groups {self.groups} do not divide "
-                             f"{self.weight.shape[0]} output channels")
-
-    @property
-    def kernel(self) -> tuple[int, int]:
-        return int(self.weight.shape[2]), int(self.weight.shape[3])
-
-    def out_shape(self, src_shape: tuple[int, ...]) -> tuple[int, ...]:
-        shape = self.pooled_shape(src_shape)
-        if len(shape) != 3:
-            raise GraphError(f"projection {self.name}: conv needs (C, H, W) input, got {shape}")
-        c, h, w = shape
-        if c != self.weight.shape[1] * self.groups:
-            raise GraphError(f"projection {self.name}: weight expects "
-                             f"{self.weight.shape[1] * self.groups} input channels, source has {c}")
-        oh = _pool_out(h, self.kernel[0], self.stride[0], self.padding[0])
-        ow = _pool_out(w, self.kernel[1], self.stride[1], self.padding[1])
-        if oh < 1 or ow < 1:
-            raise GraphError(f"projection {self.name}: kernel does not fit input {shape}")
-        return (int(self.weight.shape[0]), oh, ow)
-
-
-@register
-@dataclass(frozen=True, eq=False)
-class DenseProjection(Projection):
-    """Fully connected, weight (O, F); a (C, H, W) source is flattened C-major."""
-
-    def __post_init__(self) -> None:
-        self._check_common(2)
-
-    def out_shape(self, src_shape: tuple[int, ...]) -> tuple[int, ...]:
-        features = int(np.prod(self.pooled_shape(src_shape)))
-        if features != self.weight.shape[1]:
-            raise GraphError(f"projection {self.name}: weight expects {self.weight.shape[1]} "
-                             f"inputs, source gives {features}")
-        return (int(self.weight.shape[0]),)
-
-
-@register
-@dataclass(frozen=True, eq=False)
-class IdentityProjection(Projection):
-    """One synapse per neuron (an explicit shortcut), weight (C,) per channel."""
-
-    def __post_init__(self) -> None:
-        self._check_common(1)
-
-    def out_shape(self, src_shape: tuple[int, ...]) -> tuple[int, ...]:
-        shape = self.pooled_shape(src_shape)
-        if shape[0] != self.weight.shape[0]:
-            raise GraphError(f"projection {self.name}: weight has {self.weight.shape[0]} "
-                             f"channels, source has {shape[0]}")
-        return shape
-
-
-ProjectionT = ConvProjection | DenseProjection | IdentityProjection
 
 
 @register
@@ -392,5 +332,5 @@ class GraphMeta(Node):
     def __post_init__(self) -> None:
         if int(self.levels) < 1:
             raise GraphError(f"levels must be >= 1, got {self.levels}")
-        _set(self, "levels", int(self.levels))
-        _set(self, "phi", float(self.phi))
+        set_field(self, "levels", int(self.levels))
+        set_field(self, "phi", float(self.phi))

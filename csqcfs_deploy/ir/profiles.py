@@ -57,11 +57,11 @@ class Profile:
     @property
     def weight_max(self) -> int:
         """Largest stored weight magnitude (positive side)."""
-        return (2 ** (self.weight_bits - 1) - 1) * self.weight_step
+        return (int(2 ** (self.weight_bits - 1)) - 1) * self.weight_step
 
     @property
     def weight_min(self) -> int:
-        return -(2 ** (self.weight_bits - 1)) * self.weight_step
+        return -int(2 ** (self.weight_bits - 1)) * self.weight_step
 
     @property
     def threshold_unit(self) -> int:
@@ -70,11 +70,11 @@ class Profile:
 
     @property
     def threshold_mant_max(self) -> int:
-        return 2**self.threshold_mant_bits - 1
+        return int(2**self.threshold_mant_bits) - 1
 
     @property
     def voltage_max(self) -> int:
-        return 2 ** (self.voltage_bits - 1) - 1
+        return int(2 ** (self.voltage_bits - 1)) - 1
 
     @property
     def voltage_min(self) -> int:
@@ -82,11 +82,11 @@ class Profile:
         # full two's-complement range of their membrane register.
         if self.current_bits is not None:
             return -self.voltage_max
-        return -(2 ** (self.voltage_bits - 1))
+        return -int(2 ** (self.voltage_bits - 1))
 
     @property
     def bias_mant_max(self) -> int:
-        return 2 ** (self.bias_mant_bits - 1) - 1
+        return int(2 ** (self.bias_mant_bits - 1)) - 1
 
     @property
     def bias_max(self) -> int:

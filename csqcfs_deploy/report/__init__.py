@@ -1,1 +1,1 @@
-"""Reports: synaptic operations, MACs and energy estimates."""
+"""Reports: synaptic operations and MACs (:mod:`.sops`) and energy estimates (:mod:`.energy`)."""

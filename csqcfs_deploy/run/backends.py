@@ -22,7 +22,7 @@ import torch
 
 from csqcfs_deploy.errors import BackendUnavailable, UsageError
 from csqcfs_deploy.ir import IFGraph
-from csqcfs_deploy.ir.schedule import RunConfig
+from csqcfs_deploy.ir.schedule import RunConfig, Schedule
 from csqcfs_deploy.run.results import RunResult
 
 
@@ -40,24 +40,27 @@ class BackendInfo:
 
     name: str
     module: str              # importable module with ``open_runner(graph, cfg, options)``
-    schedules: tuple[str, ...]
+    schedules: tuple[Schedule, ...]      # the first is the one it runs natively
     install_hint: str
     description: str
 
 
 @dataclass(frozen=True)
 class BackendOptions:
+    """How a back end runs: the torch ``device`` (norse) and whether it shows progress."""
+
     device: str = "cpu"
     progress: bool = False
 
 
 BACKENDS: dict[str, BackendInfo] = {
-    "int": BackendInfo("int", "csqcfs_deploy.simulators.backend", ("synchronous", "pipelined"),
+    "int": BackendInfo("int", "csqcfs_deploy.simulators.integer.backend",
+                       ("synchronous", "pipelined"),
                        "it is part of csqcfs-deploy", "bit-accurate integer simulator"),
     "lava": BackendInfo("lava", "csqcfs_deploy.simulators.lava.runner", ("pipelined",),
                         "install the 'lava' extra (make setup does: lava-nc 0.10 with "
                         "--ignore-requires-python)", "lava-nc fixed-point Loihi 2 simulation"),
-    "norse": BackendInfo("norse", "csqcfs_deploy.simulators.norse", ("synchronous",),
+    "norse": BackendInfo("norse", "csqcfs_deploy.simulators.norse.runner", ("synchronous",),
                          "install the 'norse' extra (make setup does: norse 1.1 --no-deps, "
                          "nir, nirtorch)", "Norse (PyTorch) module"),
 }
@@ -70,7 +73,7 @@ def backend_info(name: str) -> BackendInfo:
         raise UsageError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})") from None
 
 
-def default_schedule(name: str) -> str:
+def default_schedule(name: str) -> Schedule:
     """The schedule a back end runs natively (its first)."""
     return backend_info(name).schedules[0]
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 from tqdm import tqdm
 
 from csqcfs_deploy.ir import IFGraph
@@ -17,7 +19,12 @@ from csqcfs_deploy.run.reference import input_units
 
 @dataclass(frozen=True)
 class EvalSummary:
-    """Accuracy and activity of one back end on ``samples`` inputs."""
+    """Accuracy and activity of one back end on ``samples`` inputs.
+
+    ``predictions``: (samples,) predicted class per input; ``layer_spikes[name]``:
+    output spikes of IF layer ``name`` in its counted window, summed over all samples;
+    ``layer_neurons[name]``: its neurons; ``seconds``: wall time of the whole run.
+    """
 
     backend: str
     schedule: str
@@ -29,12 +36,13 @@ class EvalSummary:
     pipeline_depth: int
     firing_rate: float          # output spikes per IF neuron per counted step
     seconds: float
-    predictions: np.ndarray = field(repr=False)
+    predictions: NDArray[np.int64] = field(repr=False)
     layer_spikes: dict[str, int] = field(default_factory=dict)   # counted window, all samples
     layer_neurons: dict[str, int] = field(default_factory=dict)
 
     @property
     def throughput(self) -> float:
+        """Samples per second of wall time (inf for a run too short to time)."""
         return self.samples / self.seconds if self.seconds > 0 else float("inf")
 
     def to_json(self) -> dict[str, object]:
@@ -51,13 +59,14 @@ class EvalSummary:
         }
 
 
-def evaluate(backend: str, graph: IFGraph, raw: np.ndarray, labels: np.ndarray,
+def evaluate(backend: str, graph: IFGraph, raw: NDArray[Any], labels: NDArray[np.integer[Any]],
              cfg: RunConfig, batch_size: int = 128, options: BackendOptions | None = None,
              progress: bool = True) -> EvalSummary:
-    """Run ``backend`` on raw samples (N, C, H, W) in batches; accuracy against ``labels``."""
+    """Run ``backend`` on raw samples (N, *input_shape) in batches of ``batch_size``;
+    accuracy against ``labels`` (N,)."""
     options = options or BackendOptions()
     x_all = input_units(graph, raw)
-    preds: list[np.ndarray] = []
+    preds: list[NDArray[np.int64]] = []
     layer_spikes = {la.name: 0 for la in graph.if_layers}
     start = time.perf_counter()
     with open_backend(backend, graph, cfg, options) as runner:

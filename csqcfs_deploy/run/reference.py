@@ -6,7 +6,7 @@ because it is fed every step)::
 
     acc   = sum_p shift(W_p (*) pool(c_src), weight_exp_p)
     z     = saturate(v_init + current(acc) + L * bias)       # integer graphs
-    c     = clip(floor((z - delta) / v_th), 0, L)             # delta = 1 for v > v_th
+    c     = clip(floor((z - delta) / v_th), 0, L)             # ir.neuron.if_count
     readout: z = current(acc) + L * bias;  logits = z * scale / L
 
 For a float graph (``v_th = 1``, ``v_init = phi``, no profile, ``delta = 0``)
@@ -15,6 +15,8 @@ For an integer graph at ``L = 1`` it is exactly the synchronous simulator at
 ``T = 1``; for ``L > 1`` the profile's wrap and saturation are applied to the
 L-step total (an ideal model: the simulator applies them every step).
 
+The count is the one specification's closed form
+:func:`csqcfs_deploy.ir.neuron.if_count` (``delta = 1`` for ``v > v_th``).
 Integer arithmetic runs in float64 convolutions (exact below 2**53; checked)
 and int64 elementwise.
 """
@@ -22,13 +24,15 @@ and int64 elementwise.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from csqcfs_deploy.errors import GraphError
 from csqcfs_deploy.ir import IFGraph, IFLayer, ReadoutLayer
-from csqcfs_deploy.ir.neuron import exact_float_bound
+from csqcfs_deploy.ir.neuron import exact_float_bound, if_count, per_channel
 from csqcfs_deploy.ir.profiles import get_profile
 from csqcfs_deploy.ir.synapses import (
     apply_projection,
@@ -46,11 +50,11 @@ class AnnOutput:
     logits: torch.Tensor
 
     @property
-    def predictions(self) -> np.ndarray:
+    def predictions(self) -> npt.NDArray[np.int64]:
         return self.logits.argmax(dim=1).cpu().numpy()
 
 
-def input_units(graph: IFGraph, raw: np.ndarray) -> torch.Tensor:
+def input_units(graph: IFGraph, raw: npt.NDArray[Any]) -> torch.Tensor:
     """Raw dataset samples -> the graph's input units (integers, or reals for a float graph)."""
     enc = graph.input.encoding
     if graph.is_integer:
@@ -63,7 +67,7 @@ def ann_forward(graph: IFGraph, x: torch.Tensor, levels: int | None = None) -> A
     """Evaluate ``graph`` in ANN mode on input units ``x`` (N, *input_shape)."""
     L = int(levels if levels is not None else graph.meta.levels)
     integer = graph.is_integer
-    profile = get_profile(graph.meta.profile) if integer else None
+    profile = get_profile(str(graph.meta.profile)) if integer else None
     counts: dict[str, torch.Tensor] = {graph.input.name: x.to(torch.float64) * L}
     max_abs: dict[str, float] = {graph.input.name: float(x.abs().max()) * L if x.numel() else 0.0}
     readout = logits = None
@@ -79,20 +83,16 @@ def ann_forward(graph: IFGraph, x: torch.Tensor, levels: int | None = None) -> A
             acc = part if acc is None else acc + part
         assert acc is not None
         cur = profile.current(acc) if profile is not None else acc
-        bias = _per_channel(torch.tensor(np.asarray(layer.bias)), cur)
+        bias = per_channel(layer.bias, cur.dim())
         if integer:
             bias = bias.to(torch.int64)
         if isinstance(layer, IFLayer):
-            v_init = _per_channel(torch.tensor(np.asarray(layer.v_init)), cur)
-            v_th = _per_channel(torch.tensor(np.asarray(layer.v_th)), cur)
+            v_init = per_channel(layer.v_init, cur.dim())
+            v_th = per_channel(layer.v_th, cur.dim())
             z = v_init.to(cur.dtype) + cur + L * bias
             if profile is not None:
                 z = profile.saturate(z)
-                delta = 1 if profile.strict else 0
-                c = torch.div(z - delta, v_th.to(torch.int64), rounding_mode="floor")
-            else:
-                c = torch.floor(z / v_th)
-            counts[name] = torch.clamp(c, 0, L).to(torch.float64)
+            counts[name] = if_count(z, v_th, L, profile)
             max_abs[name] = float(L)
         elif isinstance(layer, ReadoutLayer):
             z = cur + L * bias
@@ -102,7 +102,3 @@ def ann_forward(graph: IFGraph, x: torch.Tensor, levels: int | None = None) -> A
             logits = z.to(torch.float64) * layer.scale / L
     assert readout is not None and logits is not None
     return AnnOutput(counts, readout, logits)
-
-
-def _per_channel(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.view(1, -1, *([1] * (like.dim() - 2)))

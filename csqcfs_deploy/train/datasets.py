@@ -17,8 +17,10 @@ import io
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from csqcfs_deploy.errors import DatasetError
 from csqcfs_deploy.ir import InputEncoding
@@ -32,10 +34,10 @@ class Dataset:
     """Raw samples (N, C, H, W) float32 and integer labels, plus their encoding."""
 
     name: str
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
+    x_train: npt.NDArray[Any]
+    y_train: npt.NDArray[Any]
+    x_test: npt.NDArray[Any]
+    y_test: npt.NDArray[Any]
     encoding: InputEncoding
     classes: int
 
@@ -85,7 +87,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
-def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_cifar_batch(path: Path) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
     try:
         with path.open("rb") as fh:
             batch = _NumpyOnlyUnpickler(io.BytesIO(fh.read()), encoding="bytes").load()

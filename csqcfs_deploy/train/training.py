@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -63,7 +65,8 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> float:
+def evaluate(model: nn.Module, x: npt.NDArray[Any], y: npt.NDArray[Any],
+             batch_size: int = 256) -> float:
     """Accuracy of ``model`` on real inputs ``x`` (N, C, H, W)."""
     model.eval()
     correct = 0
@@ -114,7 +117,7 @@ def train(dataset: Dataset, options: TrainOptions) -> TrainResult:
             xb = _augment(x_train[idx], gen)
             loss = F.cross_entropy(model(xb), y_train[idx])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            torch.autograd.backward(loss)
             optimizer.step()
             scheduler.step()
             total_loss += loss.item() * len(idx)

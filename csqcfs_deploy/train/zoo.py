@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from csqcfs_deploy.errors import UsageError
+from csqcfs_deploy.errors import GraphError, UsageError
 from csqcfs_deploy.train.activations import CSQCFS
 
 
@@ -192,6 +192,9 @@ def randomize_batchnorm(model: nn.Module, seed: int) -> nn.Module:
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                if m.running_mean is None or m.running_var is None:
+                    raise GraphError(f"BatchNorm {type(m).__name__} has no running statistics "
+                                     "(track_running_stats=False) to randomize")
                 c = m.num_features
                 m.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
                 m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.25)

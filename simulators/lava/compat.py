@@ -64,9 +64,9 @@ def _byte_encoder_dataclass(original: Callable[..., Any]) -> Callable[..., Any]:
 
     def dataclass(cls: type | None = None, /, **kwargs: Any) -> Any:
         def wrap(c: type) -> type:
-            if c.__name__ == "ByteEncoder":
-                return original(c, **{**kwargs, "unsafe_hash": True})
-            return original(c, **kwargs)
+            extra = {"unsafe_hash": True} if c.__name__ == "ByteEncoder" else {}
+            made: type = original(c, **{**kwargs, **extra})
+            return made
 
         return wrap if cls is None else wrap(cls)
 

@@ -5,6 +5,21 @@ Each is a Lava ``AbstractProcess`` plus a ``PyLoihiProcessModel`` tagged
 Lava's own ``Dense`` (PyDenseModelBitAcc) and ``Conv`` (PyConvModelFixed),
 which deliver a step's input one step later (one hop = one step).
 
+**A deliberate independent copy of the neuron rule.** :func:`loihi2_current`,
+:func:`loihi2_voltage`, :func:`loihi2_if_update`, :func:`effective_bias` and the
+event logic in the models' ``run_spk`` (count, counted window, mask and
+re-initialisation, fill reset, readout clear, in that order) restate the rule
+whose one specification is :mod:`csqcfs_deploy.ir.neuron` (``if_step``,
+``readout_step``, ``LayerEvents``), for the loihi2 profile only. They must run
+inside Lava's process models, in numpy, on the arrays Lava's ports deliver, in
+Lava's forked processes, with Lava's own constants (AbstractPyLifModelFixed),
+so they cannot call the torch specification; kept as a copy, they are also a
+check of it: ``tests/test_lava.py`` compares them with Lava's own LIF model
+and the whole network with the integer simulator, spike for spike. *When* the
+events happen is not copied: every IF and readout process receives the spec's
+:class:`~csqcfs_deploy.ir.neuron.LayerEvents`, computed by the host with
+``layer_events(graph, cfg, name)`` (steps are each sample's local steps).
+
 Samples run back to back, ``S = P + T + D`` steps each, in ``slots`` numbered
 sample slots: at step ``t`` (Lava's ``time_step``, from 1) a process is in
 local step ``l = (t - 1) % S + 1`` of slot ``((t - 1) // S) % slots``. Every
@@ -23,9 +38,13 @@ order (``s_out``, ``a_in``); ``s_out_flat`` sends the C-major flattening that a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
+from csqcfs_deploy.ir.neuron import LayerEvents
 from csqcfs_deploy.simulators.lava.compat import import_lava
 
 import_lava()
@@ -40,7 +59,8 @@ from lava.magma.core.process.variable import Var  # noqa: E402
 from lava.magma.core.resources import CPU  # noqa: E402
 from lava.magma.core.sync.protocols.loihi_protocol import LoihiProtocol  # noqa: E402
 
-# Loihi / lava-nc fixed-point constants (lava/proc/lif/models.py AbstractPyLifModelFixed)
+# Loihi / lava-nc fixed-point constants (lava/proc/lif/models.py AbstractPyLifModelFixed);
+# part of the deliberate copy (the loihi2 profile states the same numbers)
 UV_BITS = 24
 MAX_UV = 2 ** (UV_BITS - 1)            # current wraps past +-2**23
 V_LIMIT = MAX_UV - 1                   # voltage saturates at +-(2**23 - 1)
@@ -55,7 +75,18 @@ class SharedArray:
     shape: tuple[int, ...]
     dtype: str
 
-    def open(self) -> np.memmap:
+    @classmethod
+    def create(cls, directory: Path, name: str, shape: tuple[int, ...], dtype: str
+               ) -> SharedArray:
+        """A new zero-filled file ``directory/name.bin`` of ``shape`` and ``dtype``."""
+        path = directory / f"{name}.bin"
+        arr: np.memmap[Any, Any] = np.memmap(path, dtype=np.dtype(dtype), mode="w+",
+                                             shape=shape)
+        arr.flush()
+        del arr
+        return cls(str(path), shape, dtype)
+
+    def open(self) -> np.memmap[Any, Any]:
         return np.memmap(self.path, dtype=np.dtype(self.dtype), mode="r+", shape=self.shape)
 
 
@@ -79,43 +110,48 @@ def lava_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(shape)) if len(shape) == 3 else tuple(shape)
 
 
-def to_lava(flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def to_lava(flat: NDArray[Any], shape: tuple[int, ...]) -> NDArray[Any]:
     """C-major flat values of a (C, H, W) group -> Lava's (W, H, C) array."""
     return flat.reshape(shape).transpose(2, 1, 0) if len(shape) == 3 else flat
 
 
-def from_lava(arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def from_lava(arr: NDArray[Any], shape: tuple[int, ...]) -> NDArray[Any]:
     """Lava's (W, H, C) array -> C-major flat values."""
     return arr.transpose(2, 1, 0).reshape(-1) if len(shape) == 3 else arr.reshape(-1)
 
 
 # --------------------------------------------------------------------------- neuron rule
+# A deliberate independent copy of csqcfs_deploy.ir.neuron's rule for the loihi2 profile
+# (see the module docstring): numpy, inside Lava's process models.
 
 
-def loihi2_current(a_in: np.ndarray) -> np.ndarray:
+def loihi2_current(a_in: NDArray[Any]) -> NDArray[np.int64]:
     """Synaptic input -> current, int64: ``u = a_in << 6``, wrapped once at 24 bits.
 
     AbstractPyLifModelFixed with ``du = 4095`` (decay constant 4096: the current
     keeps nothing from the last step): ``u > 2**23 -> u - 2**24``,
     ``u <= -2**23 -> u + 2**24``.
     """
-    u = np.left_shift(a_in.astype(np.int64), ACT_SHIFT)
+    u: NDArray[np.int64] = np.left_shift(a_in.astype(np.int64), ACT_SHIFT)
     u = np.where(u > MAX_UV, u - 2 * MAX_UV, u)
     return np.where(u <= -MAX_UV, u + 2 * MAX_UV, u)
 
 
-def loihi2_voltage(v: np.ndarray, u: np.ndarray, bias: np.ndarray) -> np.ndarray:
+def loihi2_voltage(v: NDArray[Any], u: NDArray[np.int64], bias: NDArray[np.int64]
+                   ) -> NDArray[np.int64]:
     """``v + u + bias`` saturated at +-(2**23 - 1) (``dv = 0``: no leak), int64."""
     return np.clip(v.astype(np.int64) + u + bias, -V_LIMIT, V_LIMIT)
 
 
-def loihi2_if_update(a_in: np.ndarray, v: np.ndarray, bias: np.ndarray, v_th: np.ndarray,
-                     reset_zero: bool) -> tuple[np.ndarray, np.ndarray]:
+def loihi2_if_update(a_in: NDArray[Any], v: NDArray[np.int64], bias: NDArray[np.int64],
+                     v_th: NDArray[np.int64], reset_zero: bool
+                     ) -> tuple[NDArray[np.bool_], NDArray[np.int64]]:
     """One step of an IF neuron in Loihi 2 fixed point; all arrays (n,) int64.
 
     ``v <- sat(v + wrap(a_in << 6) + bias)``; ``s = v > v_th``; then
     ``v <- v - s * v_th`` (reset by subtraction) or ``v <- 0 where s``.
-    Returns (spikes as bool, new v).
+    Returns (spikes as bool, new v). The copy of ``ir.neuron.if_step`` on the
+    loihi2 profile (strict comparison, 24-bit wrap and saturation).
     """
     v = loihi2_voltage(v, loihi2_current(a_in), bias)
     s = v > v_th
@@ -123,7 +159,7 @@ def loihi2_if_update(a_in: np.ndarray, v: np.ndarray, bias: np.ndarray, v_th: np
     return s, v
 
 
-def effective_bias(bias_mant: np.ndarray, bias_exp: np.ndarray) -> np.ndarray:
+def effective_bias(bias_mant: NDArray[Any], bias_exp: NDArray[Any]) -> NDArray[np.int64]:
     """``bias_mant << bias_exp`` as AbstractPyLifModelFixed.scale_bias (exp >= 0 here)."""
     return np.left_shift(bias_mant.astype(np.int64), bias_exp.astype(np.int64))
 
@@ -131,7 +167,7 @@ def effective_bias(bias_mant: np.ndarray, bias_exp: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- processes
 
 
-class GradedInput(AbstractProcess):
+class GradedInput(AbstractProcess):  # type: ignore[misc]
     """Sends a sample's integer input as graded spikes at local steps 1..S-1.
 
     ``inputs``: SharedArray (slots, n) int32, C-major; written by the host.
@@ -149,7 +185,7 @@ class GradedInput(AbstractProcess):
 @implements(proc=GradedInput, protocol=LoihiProtocol)
 @requires(CPU)
 @tag("fixed_pt")
-class PyGradedInputModel(PyLoihiProcessModel):
+class PyGradedInputModel(PyLoihiProcessModel):  # type: ignore[misc]
     s_out: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, np.int32, precision=24)
     s_out_flat: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, np.int32, precision=24)
 
@@ -158,7 +194,7 @@ class PyGradedInputModel(PyLoihiProcessModel):
         self.shape: tuple[int, ...] = proc_params["shape"]
         self.clock: SampleClock = proc_params["clock"]
         self.inputs_spec: SharedArray = proc_params["inputs"]
-        self.inputs: np.memmap | None = None
+        self.inputs: np.memmap[Any, Any] | None = None
 
     def run_spk(self) -> None:
         if self.inputs is None:
@@ -187,31 +223,20 @@ class IFRecording:
     spikes: SharedArray | None
 
 
-@dataclass(frozen=True)
-class IFTiming:
-    """Per-layer steps (see csqcfs_deploy.ir.schedule): counted window ``boundary+1 ..
-    boundary+timesteps``, pre-simulation mask at ``boundary`` when ``presim > 0``,
-    fill reset at ``fill`` (0: never)."""
-
-    boundary: int
-    fill: int
-    timesteps: int
-    presim: int
-
-
-class IFNeurons(AbstractProcess):
+class IFNeurons(AbstractProcess):  # type: ignore[misc]
     """Integrate-and-fire group in Loihi 2 fixed point (see :func:`loihi2_if_update`).
 
     Per neuron (n,) Vars: ``v`` membrane, ``v_th`` threshold, ``v_init`` initial
     membrane, ``bias_mant``/``bias_exp``. ``reset_zero``: hard reset instead of
-    subtraction. Pre-simulation mask and fill reset follow ``timing``.
+    subtraction. ``events``: the layer's :class:`~csqcfs_deploy.ir.neuron.LayerEvents`
+    (counted window, pre-simulation mask, fill reset), in local steps.
     """
 
-    def __init__(self, *, shape: tuple[int, ...], v_th: np.ndarray, v_init: np.ndarray,
-                 bias_mant: np.ndarray, bias_exp: np.ndarray, reset_zero: bool,
-                 clock: SampleClock, timing: IFTiming, recording: IFRecording,
-                 name: str | None = None) -> None:
-        super().__init__(shape=shape, reset_zero=reset_zero, clock=clock, timing=timing,
+    def __init__(self, *, shape: tuple[int, ...], v_th: NDArray[np.int64],
+                 v_init: NDArray[np.int64], bias_mant: NDArray[np.int64],
+                 bias_exp: NDArray[np.int64], reset_zero: bool, clock: SampleClock,
+                 events: LayerEvents, recording: IFRecording, name: str | None = None) -> None:
+        super().__init__(shape=shape, reset_zero=reset_zero, clock=clock, events=events,
                          recording=recording, name=name)
         n = int(np.prod(shape))
         self.a_in = InPort(shape=lava_shape(shape))
@@ -227,27 +252,37 @@ class IFNeurons(AbstractProcess):
 @implements(proc=IFNeurons, protocol=LoihiProtocol)
 @requires(CPU)
 @tag("fixed_pt")
-class PyIFNeuronsModelFixed(PyLoihiProcessModel):
+class PyIFNeuronsModelFixed(PyLoihiProcessModel):  # type: ignore[misc]
+    """One local step ``l`` (the event logic is part of the deliberate copy)::
+
+        l = 1: v <- v_init, mask cleared, the slot's counts zeroed
+        s, v <- loihi2_if_update(...);  out = s (and mask)
+        counts += out;  window += out if events.counted(l)
+        events.masks_after(l):  mask <- v > 0;  v <- v_init
+        else events.reinit_after(l) (the fill reset):  v <- v_init
+        send out (nothing at l = S)
+    """
+
     a_in: PyInPort = LavaPyType(PyInPort.VEC_DENSE, np.int64, precision=32)
     s_out: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, bool, precision=1)
     s_out_flat: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, bool, precision=1)
-    v: np.ndarray = LavaPyType(np.ndarray, np.int32, precision=24)
-    v_th: np.ndarray = LavaPyType(np.ndarray, np.int32, precision=24)
-    v_init: np.ndarray = LavaPyType(np.ndarray, np.int32, precision=24)
-    bias_mant: np.ndarray = LavaPyType(np.ndarray, np.int16, precision=13)
-    bias_exp: np.ndarray = LavaPyType(np.ndarray, np.int16, precision=3)
+    v: NDArray[Any] = LavaPyType(np.ndarray, np.int32, precision=24)
+    v_th: NDArray[Any] = LavaPyType(np.ndarray, np.int32, precision=24)
+    v_init: NDArray[Any] = LavaPyType(np.ndarray, np.int32, precision=24)
+    bias_mant: NDArray[Any] = LavaPyType(np.ndarray, np.int16, precision=13)
+    bias_exp: NDArray[Any] = LavaPyType(np.ndarray, np.int16, precision=3)
 
     def __init__(self, proc_params) -> None:  # type: ignore[no-untyped-def]
         super().__init__(proc_params)
         self.shape: tuple[int, ...] = proc_params["shape"]
         self.reset_zero: bool = proc_params["reset_zero"]
         self.clock: SampleClock = proc_params["clock"]
-        self.timing: IFTiming = proc_params["timing"]
+        self.events: LayerEvents = proc_params["events"]
         self.recording: IFRecording = proc_params["recording"]
-        self.files: dict[str, np.memmap] | None = None
-        self.mask: np.ndarray | None = None
+        self.files: dict[str, np.memmap[Any, Any]] | None = None
+        self.mask: NDArray[np.bool_] | None = None
 
-    def _open(self) -> dict[str, np.memmap]:
+    def _open(self) -> dict[str, np.memmap[Any, Any]]:
         rec = self.recording
         files = {"counts": rec.counts.open(), "window": rec.window.open(),
                  "masks": rec.masks.open()}
@@ -259,7 +294,7 @@ class PyIFNeuronsModelFixed(PyLoihiProcessModel):
         if self.files is None:
             self.files = self._open()
         local, slot = self.clock.local(self.time_step)
-        timing = self.timing
+        events = self.events
         a_in = from_lava(self.a_in.recv(), self.shape)
         v = self.v.astype(np.int64)
         if local == 1:
@@ -271,15 +306,15 @@ class PyIFNeuronsModelFixed(PyLoihiProcessModel):
         s, v = loihi2_if_update(a_in, v, bias, self.v_th.astype(np.int64), self.reset_zero)
         out = s if self.mask is None else s & self.mask
         self.files["counts"][slot] += out
-        if timing.boundary < local <= timing.boundary + timing.timesteps:
+        if events.counted(local):
             self.files["window"][slot] += out
         if "spikes" in self.files:
             self.files["spikes"][slot, local - 1] = out
-        if timing.presim > 0 and local == timing.boundary:
+        if events.masks_after(local):
             self.mask = v > 0
             self.files["masks"][slot] = self.mask
             v = self.v_init.astype(np.int64)
-        elif local == timing.fill:
+        elif events.reinit_after(local):
             v = self.v_init.astype(np.int64)
         self.v[:] = v
         if local == self.clock.steps:
@@ -288,15 +323,15 @@ class PyIFNeuronsModelFixed(PyLoihiProcessModel):
         self.s_out_flat.send(out)
 
 
-class ReadoutNeurons(AbstractProcess):
+class ReadoutNeurons(AbstractProcess):  # type: ignore[misc]
     """Non-spiking readout (F,): ``v <- sat(v + wrap(a_in << 6) + bias)``; ``v = 0`` at
-    the end of local step ``boundary`` (if >= 1); the final v goes to ``result``
-    (SharedArray (slots, F) int64)."""
+    the end of local step ``events.clear_step`` (``events.clears_after``); the final v
+    goes to ``result`` (SharedArray (slots, F) int64)."""
 
-    def __init__(self, *, size: int, bias_mant: np.ndarray, bias_exp: np.ndarray,
-                 clock: SampleClock, boundary: int, result: SharedArray,
-                 name: str | None = None) -> None:
-        super().__init__(clock=clock, boundary=boundary, result=result, name=name)
+    def __init__(self, *, size: int, bias_mant: NDArray[np.int64],
+                 bias_exp: NDArray[np.int64], clock: SampleClock, events: LayerEvents,
+                 result: SharedArray, name: str | None = None) -> None:
+        super().__init__(clock=clock, events=events, result=result, name=name)
         self.a_in = InPort(shape=(size,))
         self.v = Var(shape=(size,), init=0)
         self.bias_mant = Var(shape=(size,), init=bias_mant)
@@ -306,18 +341,22 @@ class ReadoutNeurons(AbstractProcess):
 @implements(proc=ReadoutNeurons, protocol=LoihiProtocol)
 @requires(CPU)
 @tag("fixed_pt")
-class PyReadoutNeuronsModelFixed(PyLoihiProcessModel):
+class PyReadoutNeuronsModelFixed(PyLoihiProcessModel):  # type: ignore[misc]
+    """One local step (part of the deliberate copy): ``v <- 0`` at ``l = 1``;
+    ``v <- loihi2_voltage(v, loihi2_current(a_in), bias)``; ``v <- 0`` when
+    ``events.clears_after(l)``; at ``l = S`` the slot's result is ``v``."""
+
     a_in: PyInPort = LavaPyType(PyInPort.VEC_DENSE, np.int64, precision=32)
-    v: np.ndarray = LavaPyType(np.ndarray, np.int32, precision=24)
-    bias_mant: np.ndarray = LavaPyType(np.ndarray, np.int16, precision=13)
-    bias_exp: np.ndarray = LavaPyType(np.ndarray, np.int16, precision=3)
+    v: NDArray[Any] = LavaPyType(np.ndarray, np.int32, precision=24)
+    bias_mant: NDArray[Any] = LavaPyType(np.ndarray, np.int16, precision=13)
+    bias_exp: NDArray[Any] = LavaPyType(np.ndarray, np.int16, precision=3)
 
     def __init__(self, proc_params) -> None:  # type: ignore[no-untyped-def]
         super().__init__(proc_params)
         self.clock: SampleClock = proc_params["clock"]
-        self.boundary: int = proc_params["boundary"]
+        self.events: LayerEvents = proc_params["events"]
         self.result_spec: SharedArray = proc_params["result"]
-        self.result: np.memmap | None = None
+        self.result: np.memmap[Any, Any] | None = None
 
     def run_spk(self) -> None:
         if self.result is None:
@@ -327,14 +366,14 @@ class PyReadoutNeuronsModelFixed(PyLoihiProcessModel):
         v = np.zeros(self.v.shape, np.int64) if local == 1 else self.v.astype(np.int64)
         v = loihi2_voltage(v, loihi2_current(a_in), effective_bias(self.bias_mant,
                                                                    self.bias_exp))
-        if local == self.boundary:
+        if self.events.clears_after(local):
             v = np.zeros_like(v)
         self.v[:] = v
         if local == self.clock.steps:
             self.result[slot] = v
 
 
-class SpikeDelay(AbstractProcess):
+class SpikeDelay(AbstractProcess):  # type: ignore[misc]
     """Delays spikes (or graded input) by ``delay`` steps: a delay line for residual paths.
 
     At local step ``l`` it sends what it received at ``l - delay`` (nothing for
@@ -352,7 +391,7 @@ class SpikeDelay(AbstractProcess):
 @implements(proc=SpikeDelay, protocol=LoihiProtocol)
 @requires(CPU)
 @tag("fixed_pt")
-class PySpikeDelayModel(PyLoihiProcessModel):
+class PySpikeDelayModel(PyLoihiProcessModel):  # type: ignore[misc]
     s_in: PyInPort = LavaPyType(PyInPort.VEC_DENSE, np.int32, precision=24)
     s_out: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, np.int32, precision=24)
 
@@ -371,7 +410,7 @@ class PySpikeDelayModel(PyLoihiProcessModel):
             self.s_out.send(np.zeros(self.history.shape[1:], dtype=np.int32))
 
 
-class SpikeRecorder(AbstractProcess):
+class SpikeRecorder(AbstractProcess):  # type: ignore[misc]
     """Writes what it receives each step to ``record`` (SharedArray (slots, S, n), C-major
     neurons): a probe for processes that are not ours (e.g. lava-dl netx's neurons)."""
 
@@ -384,7 +423,7 @@ class SpikeRecorder(AbstractProcess):
 @implements(proc=SpikeRecorder, protocol=LoihiProtocol)
 @requires(CPU)
 @tag("fixed_pt")
-class PySpikeRecorderModel(PyLoihiProcessModel):
+class PySpikeRecorderModel(PyLoihiProcessModel):  # type: ignore[misc]
     s_in: PyInPort = LavaPyType(PyInPort.VEC_DENSE, np.int32, precision=24)
 
     def __init__(self, proc_params) -> None:  # type: ignore[no-untyped-def]
@@ -392,7 +431,7 @@ class PySpikeRecorderModel(PyLoihiProcessModel):
         self.shape: tuple[int, ...] = proc_params["shape"]
         self.clock: SampleClock = proc_params["clock"]
         self.record_spec: SharedArray = proc_params["record"]
-        self.record: np.memmap | None = None
+        self.record: np.memmap[Any, Any] | None = None
 
     def run_spk(self) -> None:
         if self.record is None:

@@ -6,13 +6,15 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TypeGuard
 
 from rich.console import Console
 from rich.table import Table
 
 from csqcfs_deploy.cli.model_io import LoadedModel, load_model
+from csqcfs_deploy.errors import UsageError
 from csqcfs_deploy.ir.profiles import PROFILES
+from csqcfs_deploy.ir.schedule import SCHEDULES, Schedule
 from csqcfs_deploy.train.datasets import DATASETS, Dataset, load_dataset
 from csqcfs_deploy.train.zoo import arch_spec
 
@@ -68,12 +70,24 @@ def check_arch(name: str) -> None:
     arch_spec(name)
 
 
-def print_json(data: Any) -> None:
+def _is_schedule(name: str) -> TypeGuard[Schedule]:
+    return name in SCHEDULES
+
+
+def as_schedule(name: str) -> Schedule:
+    """A ``--schedule`` value (a str from argparse) as a checked :data:`Schedule`."""
+    if not _is_schedule(name):
+        raise UsageError(f"schedule must be one of {', '.join(SCHEDULES)}, got {name!r}")
+    return name
+
+
+def print_json(data: object) -> None:
+    """``data`` (a ``to_json()`` value: dicts, lists, numbers, strings) on stdout."""
     json.dump(data, sys.stdout, indent=2, sort_keys=False, default=_json_default)
     sys.stdout.write("\n")
 
 
-def _json_default(value: Any) -> Any:
+def _json_default(value: object) -> object:
     import numpy as np
 
     if isinstance(value, np.generic):
@@ -92,7 +106,7 @@ def console() -> Console:
     return Console(highlight=False, width=width)
 
 
-def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]],
           justify_numbers: bool = True) -> Table:
     t = Table(title=title, title_justify="left")
     for col in columns:
@@ -105,7 +119,7 @@ def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
     return t
 
 
-def fmt(value: Any) -> str:
+def fmt(value: object) -> str:
     if isinstance(value, float):
         if value == 0:
             return "0"

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
+from torch import nn
 
 from csqcfs_deploy.cli.commands.common import (
     add_dataset_args,
@@ -17,9 +21,9 @@ from csqcfs_deploy.cli.commands.common import (
     resolve_model,
     table,
 )
-from csqcfs_deploy.cli.model_io import LoadedModel
+from csqcfs_deploy.convert.quantize import QuantReport
 from csqcfs_deploy.errors import DatasetError, UsageError
-from csqcfs_deploy.ir import save_graph
+from csqcfs_deploy.ir import IFGraph, InputEncoding, save_graph
 from csqcfs_deploy.run.reference import ann_forward, input_units
 
 
@@ -37,47 +41,84 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=run)
 
 
-def agreement(loaded: LoadedModel, raw: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Float ANN vs quantized ANN (integer, ANN mode) on raw samples."""
-    assert loaded.fold is not None and loaded.config is not None
-    float_graph = loaded.fold.graph
+@dataclass(frozen=True)
+class Agreement:
+    """The float network, its folded graph and the quantized graph on ``samples``
+    test samples: accuracies and how often the predictions agree (fractions)."""
+
+    samples: int
+    float_accuracy: float
+    quantized_accuracy: float
+    agreement: float                 # quantized ANN == folded float graph
+    folded_matches_model: float      # folded float graph == the network itself
+
+    def to_json(self) -> dict[str, object]:
+        return {"samples": self.samples, "float_accuracy": self.float_accuracy,
+                "quantized_accuracy": self.quantized_accuracy, "agreement": self.agreement,
+                "folded_matches_model": self.folded_matches_model}
+
+
+@dataclass(frozen=True)
+class ConvertSummary:
+    """What ``convert --json`` prints: the quantization report, the file written, the
+    folding passes applied (pass -> count) and the agreement check (or why not)."""
+
+    report: QuantReport
+    output: str
+    passes: dict[str, int]
+    check: Agreement | str | None
+
+    def to_json(self) -> dict[str, object]:
+        check = self.check.to_json() if isinstance(self.check, Agreement) else self.check
+        return {**self.report.to_json(), "output": self.output, "passes": self.passes,
+                "check": check}
+
+
+def agreement(model: nn.Module, encoding: InputEncoding, float_graph: IFGraph,
+              graph: IFGraph, raw: NDArray[Any], labels: NDArray[np.integer[Any]]
+              ) -> Agreement:
+    """Float ANN vs quantized ANN (integer, ANN mode) on raw samples (N, *input_shape)."""
     f_pred = ann_forward(float_graph, input_units(float_graph, raw)).predictions
-    q_pred = ann_forward(loaded.graph, input_units(loaded.graph, raw)).predictions
+    q_pred = ann_forward(graph, input_units(graph, raw)).predictions
     with torch.no_grad():
-        assert loaded.model is not None
-        x = torch.from_numpy(loaded.config.encoding.normalize(raw))
-        m_pred = loaded.model(x).argmax(1).numpy()
-    return {
-        "samples": int(len(labels)),
-        "float_accuracy": float((m_pred == labels).mean()),
-        "quantized_accuracy": float((q_pred == labels).mean()),
-        "agreement": float((q_pred == f_pred).mean()),
-        "folded_matches_model": float((f_pred == m_pred).mean()),
-    }
+        x = torch.from_numpy(encoding.normalize(raw))
+        m_pred = model(x).argmax(1).numpy()
+    return Agreement(
+        samples=int(len(labels)),
+        float_accuracy=float((m_pred == labels).mean()),
+        quantized_accuracy=float((q_pred == labels).mean()),
+        agreement=float((q_pred == f_pred).mean()),
+        folded_matches_model=float((f_pred == m_pred).mean()),
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     loaded = resolve_model(args)
-    if loaded.report is None:
+    report, fold, model, config = loaded.report, loaded.fold, loaded.model, loaded.config
+    if report is None or fold is None or model is None or config is None:
         raise UsageError(f"{args.model} is already an IF graph; convert takes a trained network")
-    check: dict[str, float] | str | None = None
+    check: Agreement | str | None = None
     if not args.no_check:
         try:
             ds = resolve_dataset(args, loaded)
             if ds.input_shape != loaded.graph.input.shape:
                 raise DatasetError(f"dataset {ds.name} has shape {ds.input_shape}")
-            check = agreement(loaded, ds.x_test, ds.y_test)
+            check = agreement(model, config.encoding, fold.graph, loaded.graph, ds.x_test,
+                              ds.y_test)
         except DatasetError as exc:
             check = f"not measured: {exc}"
     save_graph(loaded.graph, args.output)
-    report = loaded.report
     if args.json:
-        out = report.to_json()
-        out["output"] = args.output
-        out["passes"] = loaded.fold.log.counts() if loaded.fold else {}
-        out["check"] = check
-        print_json(out)
+        print_json(ConvertSummary(report, args.output, fold.log.counts(), check).to_json())
         return 0
+    print_conversion(report, fold.log.counts(), check)
+    console().print(f"wrote {args.output}")
+    return 0
+
+
+def print_conversion(report: QuantReport, passes: dict[str, int],
+                     check: Agreement | str | None) -> None:
+    """The per-layer table, the folding passes, warnings and the agreement line."""
     con = console()
     rows = [
         (la.name, la.kind, la.shape, la.neurons, la.weight_bits_used,
@@ -91,18 +132,14 @@ def run(args: argparse.Namespace) -> int:
         f"({'per-channel' if report.per_channel else 'per-layer'} thresholds)",
         ["layer", "kind", "shape", "neurons", "weight bits", "threshold", "scale",
          "quant error", "max step input", "notes"], rows))
-    if loaded.fold is not None:
-        passes = ", ".join(f"{k} x{v}" for k, v in loaded.fold.log.counts().items())
-        con.print(f"folding passes: {passes}")
+    con.print(f"folding passes: {', '.join(f'{k} x{v}' for k, v in passes.items())}")
     for w in report.warnings:
         con.print(f"warning: {w}")
-    if isinstance(check, dict):
+    if isinstance(check, Agreement):
         con.print(
-            f"test split ({check['samples']} samples): float ANN "
-            f"{100 * check['float_accuracy']:.2f} %, quantized ANN "
-            f"{100 * check['quantized_accuracy']:.2f} %, agreement "
-            f"{100 * check['agreement']:.2f} %")
+            f"test split ({check.samples} samples): float ANN "
+            f"{100 * check.float_accuracy:.2f} %, quantized ANN "
+            f"{100 * check.quantized_accuracy:.2f} %, agreement "
+            f"{100 * check.agreement:.2f} %")
     elif isinstance(check, str):
         con.print(f"agreement {check}")
-    con.print(f"wrote {args.output}")
-    return 0

@@ -9,16 +9,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from csqcfs_deploy.cli.commands.common import add_json_arg, console, print_json, table
 from csqcfs_deploy.cli.commands.report import make_report, plot_report, print_tables
 from csqcfs_deploy.cli.commands.verify import print_result
 from csqcfs_deploy.cli.model_io import graph_from_network
-from csqcfs_deploy.errors import UsageError
+from csqcfs_deploy.errors import GraphError, UsageError
 from csqcfs_deploy.files import write_text_atomic
 from csqcfs_deploy.ir import save_graph
-from csqcfs_deploy.ir.schedule import RunConfig
+from csqcfs_deploy.ir.schedule import RunConfig, Schedule
 from csqcfs_deploy.report.energy import BUILTIN_ENERGY
 from csqcfs_deploy.run.backends import BackendOptions
 from csqcfs_deploy.run.evaluation import EvalSummary, evaluate
@@ -46,6 +47,49 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=run)
 
 
+@dataclass(frozen=True)
+class DemoSummary:
+    """What the demo found: accuracies, whether every spike agreed, SOPs and energy.
+
+    ``runs``: back end -> its evaluation on the test split (``int``, ``norse``,
+    ``lava``); ``seconds``: wall time of the whole demo; ``files``: what it wrote.
+    """
+
+    ann_test_accuracy: float
+    quantized_ann_agreement: float
+    runs: dict[str, EvalSummary]
+    identical: bool
+    verified_samples: int
+    sops_per_sample: float
+    ann_macs_per_sample: float
+    energy_ann_over_snn_cmos45: float | None
+    timesteps: int
+    presim: int
+    files: tuple[Path, ...]
+    seconds: float
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "ann_test_accuracy": self.ann_test_accuracy,
+            "quantized_ann_agreement": self.quantized_ann_agreement,
+            "snn_accuracy": {b: r.accuracy for b, r in self.runs.items()},
+            "snn_samples": {b: r.samples for b, r in self.runs.items()},
+            "identical": self.identical,
+            "verified_samples": self.verified_samples,
+            "sops_per_sample": self.sops_per_sample,
+            "ann_macs_per_sample": self.ann_macs_per_sample,
+            "energy_ann_over_snn_cmos45": self.energy_ann_over_snn_cmos45,
+            "timesteps": self.timesteps, "presim": self.presim,
+            "files": [str(f) for f in self.files],
+            "seconds": round(self.seconds, 1),
+        }
+
+
+#: Step 4: (back end, its schedule, whether it runs every test sample; else --lava-samples).
+_RUNS: tuple[tuple[str, Schedule, bool], ...] = (
+    ("int", "synchronous", True), ("norse", "synchronous", True), ("lava", "pipelined", False))
+
+
 def run(args: argparse.Namespace) -> int:
     if args.lava_samples < 1 or args.epochs < 1:
         raise UsageError("--lava-samples and --epochs must be >= 1")
@@ -70,10 +114,11 @@ def run(args: argparse.Namespace) -> int:
     say("[2/6] fold and quantize to the loihi2 profile")
     loaded = graph_from_network(trained.model, trained.config, "loihi2", None,
                                 out / "digits-cnn.pt", "checkpoint")
-    graph = loaded.graph
+    graph, float_graph = loaded.graph, loaded.float_graph
+    if float_graph is None:
+        raise GraphError("the demo's network was not folded")
     files.append(save_graph(graph, out / "digits-cnn.ifg"))
-    float_pred = ann_forward(loaded.fold.graph, input_units(loaded.fold.graph, ds.x_test)  # type: ignore[union-attr]
-                             ).predictions
+    float_pred = ann_forward(float_graph, input_units(float_graph, ds.x_test)).predictions
     q_pred = ann_forward(graph, input_units(graph, ds.x_test)).predictions
     say(f"      quantized ANN agrees with the float network on "
         f"{100 * (float_pred == q_pred).mean():.2f} % of test samples")
@@ -89,9 +134,8 @@ def run(args: argparse.Namespace) -> int:
     cfg_t, cfg_p = args.timesteps, args.presim
     say(f"[4/6] run on the back ends (T = {cfg_t}, P = {cfg_p})")
     runs: dict[str, EvalSummary] = {}
-    for backend, schedule, n in (("int", "synchronous", len(ds.y_test)),
-                                 ("norse", "synchronous", len(ds.y_test)),
-                                 ("lava", "pipelined", args.lava_samples)):
+    for backend, schedule, every_sample in _RUNS:
+        n = len(ds.y_test) if every_sample else args.lava_samples
         cfg = RunConfig(cfg_t, cfg_p, schedule)
         runs[backend] = evaluate(backend, graph, ds.x_test[:n], ds.y_test[:n], cfg, 128,
                                  BackendOptions(progress=not quiet), progress=not quiet)
@@ -111,46 +155,48 @@ def run(args: argparse.Namespace) -> int:
     say("[6/6] report: SOPs, MACs and energy on the test split")
     report = make_report(graph, ds.x_test, ds.y_test, RunConfig(cfg_t, cfg_p), list(
         BUILTIN_ENERGY.values()), str(out / "digits-cnn.ifg"), "digits", progress=not quiet)
-    files.append(write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n"))
+    files.append(write_text_atomic(out / "report.json",
+                                   json.dumps(report.to_json(), indent=2) + "\n"))
     plot_report(report, str(out / "report.png"))
     files.append(out / "report.png")
     if not quiet:
         print_tables(report)
 
-    seconds = time.perf_counter() - start
-    cmos = next(e for e in report["energy"] if e["name"] == "cmos45")  # type: ignore[union-attr]
-    summary = {
-        "ann_test_accuracy": trained.test_accuracy,
-        "quantized_ann_agreement": float((float_pred == q_pred).mean()),
-        "snn_accuracy": {b: r.accuracy for b, r in runs.items()},
-        "snn_samples": {b: r.samples for b, r in runs.items()},
-        "identical": verified.identical,
-        "verified_samples": len(x),
-        "sops_per_sample": report["totals"]["sops_per_sample"],  # type: ignore[index]
-        "ann_macs_per_sample": report["totals"]["ann_macs_per_sample"],  # type: ignore[index]
-        "energy_ann_over_snn_cmos45": cmos["ann_over_snn"],
-        "timesteps": cfg_t, "presim": cfg_p,
-        "files": [str(f) for f in files],
-        "seconds": round(seconds, 1),
-    }
+    summary = DemoSummary(
+        ann_test_accuracy=trained.test_accuracy,
+        quantized_ann_agreement=float((float_pred == q_pred).mean()),
+        runs=runs, identical=verified.identical, verified_samples=len(x),
+        sops_per_sample=report.totals.sops_per_sample,
+        ann_macs_per_sample=report.totals.ann_macs_per_sample,
+        energy_ann_over_snn_cmos45=report.energy_named("cmos45").ratio,
+        timesteps=cfg_t, presim=cfg_p, files=tuple(files),
+        seconds=time.perf_counter() - start)
     if quiet:
-        print_json(summary)
-        return 0 if verified.identical else 6
-    acc = summary["snn_accuracy"]
-    rows = [
-        ("ANN (float) test accuracy", f"{100 * trained.test_accuracy:.2f} %"),
-        ("quantized ANN agrees with float", f"{100 * summary['quantized_ann_agreement']:.2f} %"),
-        (f"SNN accuracy, int (T={cfg_t}, P={cfg_p})",
-         f"{100 * acc['int']:.2f} % ({runs['int'].samples} samples)"),
-        ("SNN accuracy, norse", f"{100 * acc['norse']:.2f} % ({runs['norse'].samples} samples)"),
-        ("SNN accuracy, lava", f"{100 * acc['lava']:.2f} % ({runs['lava'].samples} samples)"),
-        ("spike for spike identical (int, lava, norse)",
-         f"{'yes' if verified.identical else 'NO'} ({len(x)} samples, every layer and step)"),
-        ("SOPs per sample", f"{summary['sops_per_sample']:.4g}"),
-        ("ANN MACs per sample", f"{summary['ann_macs_per_sample']:.4g}"),
-        ("energy ANN / SNN (45 nm CMOS)", f"{cmos['ann_over_snn']:.2f}x"),
-        ("files written", ", ".join(str(f) for f in files)),
-        ("run time", f"{seconds:.0f} s"),
-    ]
-    con.print(table("demo summary", ["name", "value"], rows, justify_numbers=False))
+        print_json(summary.to_json())
+    else:
+        print_summary(summary)
     return 0 if verified.identical else 6
+
+
+def print_summary(summary: DemoSummary) -> None:
+    """The demo's closing table."""
+    runs = summary.runs
+    rows = [
+        ("ANN (float) test accuracy", f"{100 * summary.ann_test_accuracy:.2f} %"),
+        ("quantized ANN agrees with float", f"{100 * summary.quantized_ann_agreement:.2f} %"),
+        (f"SNN accuracy, int (T={summary.timesteps}, P={summary.presim})",
+         f"{100 * runs['int'].accuracy:.2f} % ({runs['int'].samples} samples)"),
+        ("SNN accuracy, norse",
+         f"{100 * runs['norse'].accuracy:.2f} % ({runs['norse'].samples} samples)"),
+        ("SNN accuracy, lava",
+         f"{100 * runs['lava'].accuracy:.2f} % ({runs['lava'].samples} samples)"),
+        ("spike for spike identical (int, lava, norse)",
+         f"{'yes' if summary.identical else 'NO'} ({summary.verified_samples} samples, every "
+         "layer and step)"),
+        ("SOPs per sample", f"{summary.sops_per_sample:.4g}"),
+        ("ANN MACs per sample", f"{summary.ann_macs_per_sample:.4g}"),
+        ("energy ANN / SNN (45 nm CMOS)", f"{summary.energy_ann_over_snn_cmos45:.2f}x"),
+        ("files written", ", ".join(str(f) for f in summary.files)),
+        ("run time", f"{summary.seconds:.0f} s"),
+    ]
+    console().print(table("demo summary", ["name", "value"], rows, justify_numbers=False))

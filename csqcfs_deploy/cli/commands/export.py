@@ -55,11 +55,11 @@ class ExportTarget:
 
 TARGETS: dict[str, ExportTarget] = {
     "nir": ExportTarget(
-        "nir", "csqcfs_deploy.exporters.nir", "export_nir",
+        "nir", "csqcfs_deploy.cli.nir_text", "export_nir",
         "NIR graph (HDF5); native: exact via metadata, portable: for readers that ignore it",
         flavors=("native", "portable")),
     "lava-netx": ExportTarget(
-        "lava-netx", "csqcfs_deploy.exporters.netx", "write_netx",
+        "lava-netx", "csqcfs_deploy.cli.netx_text", "export_netx",
         "lava-dl netx HDF5 for Loihi 2 (CUBA, reset to zero: exact at T = 1 without "
         "pre-simulation; feed-forward chains, loihi2 profile)",
         install_hint="install the 'lava' extra (make setup does: lava-nc 0.10 with "

@@ -10,7 +10,7 @@ schema :data:`REPORT_SCHEMA_VERSION` documented in the README::
      "layers": [{"name", "kind", "neurons", "spikes", "firing_rate", "sops",
                  "input_macs", "input_graded_sops", "ann_macs"}],
      "totals": {"neurons", "spikes", "firing_rate", "sops", "input_macs",
-                "ann_macs_per_sample", "sops_per_sample"},
+                "sops_per_sample", "ann_macs_per_sample"},
      "energy": [{"name", "source", "constants", "snn_pj_per_sample",
                  "ann_pj_per_sample", "ann_over_snn"}]}
 
@@ -23,14 +23,18 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 from tqdm import tqdm
 
 from csqcfs_deploy.cli.commands.common import (
     add_dataset_args,
     add_model_args,
+    as_schedule,
     console,
     print_json,
     resolve_model,
@@ -41,7 +45,8 @@ from csqcfs_deploy.errors import UsageError
 from csqcfs_deploy.files import write_atomic, write_text_atomic
 from csqcfs_deploy.ir import IFGraph
 from csqcfs_deploy.ir.schedule import SCHEDULES, RunConfig, latency_steps, total_steps
-from csqcfs_deploy.report.energy import ActivityCounter, EnergyConstants, estimate, resolve_energy
+from csqcfs_deploy.report.energy import EnergyConstants, EnergyEstimate, estimate, resolve_energy
+from csqcfs_deploy.report.sops import ActivityCounter, LayerActivity
 from csqcfs_deploy.run.reference import input_units
 from csqcfs_deploy.simulators.integer import simulate
 
@@ -68,20 +73,92 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=run)
 
 
-def build_report(args: argparse.Namespace) -> dict[str, object]:
+@dataclass(frozen=True)
+class ReportTotals:
+    """Sums over the layers: ``neurons`` (IF layers only), ``spikes``, ``sops`` and
+    ``input_macs`` over all samples and steps; ``firing_rate`` spikes per IF neuron
+    per step; SOPs and ANN MACs per sample."""
+
+    neurons: int
+    spikes: int
+    firing_rate: float
+    sops: int
+    input_macs: int
+    sops_per_sample: float
+    ann_macs_per_sample: float
+
+    def to_json(self) -> dict[str, object]:
+        return {"neurons": self.neurons, "spikes": self.spikes,
+                "firing_rate": self.firing_rate, "sops": self.sops,
+                "input_macs": self.input_macs, "sops_per_sample": self.sops_per_sample,
+                "ann_macs_per_sample": self.ann_macs_per_sample}
+
+
+@dataclass(frozen=True)
+class Report:
+    """The report of one integer-simulator run over ``samples`` inputs (module doc).
+
+    ``layers``: one row per non-input layer in topological order; ``energy``: one
+    estimate per constant set, in the order asked for.
+    """
+
+    model: str
+    profile: str | None
+    dataset: str
+    samples: int
+    timesteps: int
+    presim: int
+    schedule: str
+    latency_steps: int
+    steps_simulated: int
+    accuracy: float
+    layers: tuple[LayerActivity, ...]
+    totals: ReportTotals
+    energy: tuple[EnergyEstimate, ...]
+
+    def energy_named(self, name: str) -> EnergyEstimate:
+        """The estimate under constant set ``name``."""
+        for e in self.energy:
+            if e.constants.name == name:
+                return e
+        raise UsageError(f"the report has no energy set {name!r}")
+
+    def to_json(self) -> dict[str, object]:
+        """The JSON report, schema :data:`REPORT_SCHEMA_VERSION` (keys in this order)."""
+        return {
+            "schema": REPORT_SCHEMA_VERSION,
+            "model": self.model,
+            "profile": self.profile,
+            "dataset": self.dataset,
+            "samples": self.samples,
+            "timesteps": self.timesteps,
+            "presim": self.presim,
+            "schedule": self.schedule,
+            "latency_steps": self.latency_steps,
+            "steps_simulated": self.steps_simulated,
+            "accuracy": self.accuracy,
+            "layers": [la.to_json() for la in self.layers],
+            "totals": self.totals.to_json(),
+            "energy": [e.to_json() for e in self.energy],
+        }
+
+
+def build_report(args: argparse.Namespace) -> Report:
     energy_sets = resolve_energy(args.energy)
     loaded = resolve_model(args)
     raw, labels, ds_name = split(args, loaded)
-    cfg = RunConfig(timesteps=args.timesteps, presim=args.presim, schedule=args.schedule)
+    cfg = RunConfig(timesteps=args.timesteps, presim=args.presim,
+                    schedule=as_schedule(args.schedule))
     return make_report(loaded.graph, raw, labels, cfg, energy_sets,
                        str(args.model or args.user_model), ds_name, args.batch_size,
                        progress=args.json != "-")
 
 
-def make_report(graph: IFGraph, raw: np.ndarray, labels: np.ndarray, cfg: RunConfig,
-                energy_sets: list[EnergyConstants], model_name: str, dataset: str,
-                batch_size: int = 128, progress: bool = True) -> dict[str, object]:
-    """Simulate ``raw`` samples with the integer simulator and build the JSON report."""
+def make_report(graph: IFGraph, raw: NDArray[Any], labels: NDArray[np.integer[Any]],
+                cfg: RunConfig, energy_sets: list[EnergyConstants], model_name: str,
+                dataset: str, batch_size: int = 128, progress: bool = True) -> Report:
+    """Simulate ``raw`` samples (N, *input_shape) with the integer simulator, in batches,
+    and count activity, accuracy against ``labels`` (N,) and energy per constant set."""
     steps = total_steps(graph, cfg)
     x_all = input_units(graph, raw)
     counter = ActivityCounter(graph, steps)
@@ -96,52 +173,38 @@ def make_report(graph: IFGraph, raw: np.ndarray, labels: np.ndarray, cfg: RunCon
         bar.update(len(x))
     bar.close()
     activity = counter.activity()
-    estimates = [estimate(activity, c) for c in energy_sets]
     neurons = sum(la.neurons for la in activity.layers if la.kind != "readout")
     n = activity.samples
-    return {
-        "schema": REPORT_SCHEMA_VERSION,
-        "model": model_name,
-        "profile": graph.meta.profile,
-        "dataset": dataset,
-        "samples": n,
-        "timesteps": cfg.timesteps,
-        "presim": cfg.presim,
-        "schedule": cfg.schedule,
-        "latency_steps": latency_steps(graph, cfg),
-        "steps_simulated": steps,
-        "accuracy": correct / n,
-        "layers": [la.to_json() for la in activity.layers],
-        "totals": {
-            "neurons": neurons,
-            "spikes": activity.spikes,
-            "firing_rate": activity.spikes / (neurons * steps * n),
-            "sops": activity.sops,
-            "input_macs": activity.input_macs,
-            "sops_per_sample": activity.sops / n,
-            "ann_macs_per_sample": activity.ann_macs / n,
-        },
-        "energy": [e.to_json() for e in estimates],
-    }
+    totals = ReportTotals(
+        neurons=neurons, spikes=activity.spikes,
+        firing_rate=activity.spikes / (neurons * steps * n), sops=activity.sops,
+        input_macs=activity.input_macs, sops_per_sample=activity.sops / n,
+        ann_macs_per_sample=activity.ann_macs / n)
+    return Report(
+        model=model_name, profile=graph.meta.profile, dataset=dataset, samples=n,
+        timesteps=cfg.timesteps, presim=cfg.presim, schedule=cfg.schedule,
+        latency_steps=latency_steps(graph, cfg), steps_simulated=steps, accuracy=correct / n,
+        layers=activity.layers, totals=totals,
+        energy=tuple(estimate(activity, c) for c in energy_sets))
 
 
-def plot_report(report: dict[str, object], path: str) -> None:
+def plot_report(report: Report, path: str) -> None:
     """Firing rate per layer, SOPs vs ANN MACs per layer, and the energy comparison."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layers = [la for la in report["layers"]]  # type: ignore[union-attr]
-    names = [la["name"] for la in layers]  # type: ignore[index]
-    n = int(report["samples"])  # type: ignore[call-overload]
+    layers = report.layers
+    names = [la.name for la in layers]
+    n = report.samples
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     x = np.arange(len(names))
-    axes[0].bar(x, [la["firing_rate"] for la in layers], color="tab:blue")  # type: ignore[index]
+    axes[0].bar(x, [la.firing_rate for la in layers], color="tab:blue")
     axes[0].set_title("firing rate (spikes / neuron / step)")
-    sops = [la["sops"] / n for la in layers]  # type: ignore[index]
-    macs = [la["ann_macs"] for la in layers]  # type: ignore[index]
-    first = [la["input_macs"] / n for la in layers]  # type: ignore[index]
+    sops = [la.sops / n for la in layers]
+    macs = [la.ann_macs for la in layers]
+    first = [la.input_macs / n for la in layers]
     axes[1].bar(x - 0.27, macs, 0.27, label="ANN MACs")
     axes[1].bar(x, sops, 0.27, label="SNN SOPs")
     axes[1].bar(x + 0.27, first, 0.27, label="SNN MACs (analog input)")
@@ -150,22 +213,23 @@ def plot_report(report: dict[str, object], path: str) -> None:
     axes[1].legend(fontsize=8, loc="lower left")
     for ax in axes[:2]:
         ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
-    energy = report["energy"]  # type: ignore[assignment]
-    labels, values, colors = [], [], []
-    for e in energy:  # type: ignore[union-attr]
-        labels.append(f"{e['name']}\nSNN")
-        values.append(e["snn_pj_per_sample"] / 1e6)
+    labels: list[str] = []
+    values: list[float] = []
+    colors: list[str] = []
+    for e in report.energy:
+        labels.append(f"{e.constants.name}\nSNN")
+        values.append(e.snn_pj / 1e6)
         colors.append("tab:green")
-        if e["ann_pj_per_sample"] is not None:
-            labels.append(f"{e['name']}\nANN")
-            values.append(e["ann_pj_per_sample"] / 1e6)
+        if e.ann_pj is not None:
+            labels.append(f"{e.constants.name}\nANN")
+            values.append(e.ann_pj / 1e6)
             colors.append("tab:red")
     axes[2].bar(range(len(values)), values, color=colors)
     axes[2].set_xticks(range(len(values)), labels, fontsize=8)
     axes[2].set_yscale("log")
     axes[2].set_title("energy per sample (uJ, log scale)")
-    fig.suptitle(f"{report['model']} - profile {report['profile']}, T={report['timesteps']}, "
-                 f"P={report['presim']}, {report['samples']} samples", fontsize=10)
+    fig.suptitle(f"{report.model} - profile {report.profile}, T={report.timesteps}, "
+                 f"P={report.presim}, {report.samples} samples", fontsize=10)
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
@@ -178,10 +242,10 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         plot_report(report, args.plot)
     if args.json == "-":
-        print_json(report)
+        print_json(report.to_json())
         return 0
     if args.json:
-        write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(report.to_json(), indent=2) + "\n")
     print_tables(report)
     for path in (args.json, args.plot):
         if path:
@@ -189,27 +253,27 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_tables(report: dict[str, object]) -> None:
+def print_tables(report: Report) -> None:
+    """The activity table (per sample) and the energy table."""
     con = console()
-    n = int(report["samples"])  # type: ignore[call-overload]
-    rows = [(la["name"], la["kind"], la["neurons"], la["spikes"] / n, la["firing_rate"],
-             la["sops"] / n, la["input_macs"] / n, la["ann_macs"])
-            for la in report["layers"]]  # type: ignore[union-attr]
-    tot = report["totals"]
-    rows.append(("total", "", tot["neurons"], tot["spikes"] / n, tot["firing_rate"],  # type: ignore[index]
-                 tot["sops_per_sample"], tot["input_macs"] / n,  # type: ignore[index]
-                 tot["ann_macs_per_sample"]))  # type: ignore[index]
+    n = report.samples
+    rows: list[tuple[object, ...]] = [
+        (la.name, la.kind, la.neurons, la.spikes / n, la.firing_rate, la.sops / n,
+         la.input_macs / n, la.ann_macs) for la in report.layers]
+    tot = report.totals
+    rows.append(("total", "", tot.neurons, tot.spikes / n, tot.firing_rate,
+                 tot.sops_per_sample, tot.input_macs / n, tot.ann_macs_per_sample))
     con.print(table(
-        f"activity per sample: profile {report['profile']}, {report['schedule']}, "
-        f"T={report['timesteps']}, P={report['presim']}, latency {report['latency_steps']} "
-        f"steps, {n} samples, accuracy {100 * float(report['accuracy']):.2f} %",  # type: ignore[arg-type]
+        f"activity per sample: profile {report.profile}, {report.schedule}, "
+        f"T={report.timesteps}, P={report.presim}, latency {report.latency_steps} "
+        f"steps, {n} samples, accuracy {100 * report.accuracy:.2f} %",
         ["layer", "kind", "neurons", "spikes", "rate/neuron/step", "SOPs", "MACs (input)",
          "ANN MACs"], rows))
     erows = []
-    for e in report["energy"]:  # type: ignore[union-attr]
-        ratio = e["ann_over_snn"]
-        erows.append((e["name"], e["snn_pj_per_sample"] / 1e6,
-                      "n/a" if e["ann_pj_per_sample"] is None else e["ann_pj_per_sample"] / 1e6,
-                      "n/a" if ratio is None else f"{ratio:.2f}x", e["source"]))
+    for e in report.energy:
+        ratio = e.ratio
+        erows.append((e.constants.name, e.snn_pj / 1e6,
+                      "n/a" if e.ann_pj is None else e.ann_pj / 1e6,
+                      "n/a" if ratio is None else f"{ratio:.2f}x", e.constants.source))
     con.print(table("energy per sample", ["name", "SNN uJ", "ANN uJ", "ANN/SNN", "source"],
                     erows))

@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+from numpy.typing import NDArray
 
 from csqcfs_deploy.cli.commands.common import (
     add_dataset_args,
     add_json_arg,
     add_model_args,
+    as_schedule,
     console,
     print_json,
     resolve_dataset,
     resolve_model,
     table,
 )
+from csqcfs_deploy.cli.model_io import LoadedModel
 from csqcfs_deploy.errors import UsageError
 from csqcfs_deploy.ir.schedule import SCHEDULES, RunConfig, recording_bytes
 from csqcfs_deploy.run.backends import BACKENDS, BackendOptions, default_schedule
-from csqcfs_deploy.run.evaluation import evaluate
-from csqcfs_deploy.simulators.integer import format_bytes
+from csqcfs_deploy.run.evaluation import EvalSummary, evaluate
+from csqcfs_deploy.run.memory import format_bytes
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
@@ -45,7 +52,37 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=run)
 
 
-def split(args: argparse.Namespace, loaded) -> tuple:  # type: ignore[no-untyped-def]
+class EvalSamples(NamedTuple):
+    """The test samples a command runs: ``raw`` (N, *input_shape) as the dataset stores
+    them, ``labels`` (N,) class indices, and the dataset's name."""
+
+    raw: NDArray[Any]
+    labels: NDArray[np.integer[Any]]
+    dataset: str
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """What ``run`` reports: one back end's summary and where and how it ran.
+
+    ``batch_size``: samples per batch actually run (``--batch-size``, at most all);
+    ``recording_bytes_per_batch``: bytes that recording every spike would take.
+    """
+
+    summary: EvalSummary
+    dataset: str
+    profile: str | None
+    batch_size: int
+    recording_bytes_per_batch: int
+
+    def to_json(self) -> dict[str, object]:
+        """The summary's JSON followed by dataset, profile, batch_size, recording bytes."""
+        return {**self.summary.to_json(), "dataset": self.dataset, "profile": self.profile,
+                "batch_size": self.batch_size,
+                "recording_bytes_per_batch": self.recording_bytes_per_batch}
+
+
+def split(args: argparse.Namespace, loaded: LoadedModel) -> EvalSamples:
     """The test samples to run: (raw, labels, dataset name)."""
     ds = resolve_dataset(args, loaded)
     if ds.input_shape != loaded.graph.input.shape:
@@ -54,7 +91,7 @@ def split(args: argparse.Namespace, loaded) -> tuple:  # type: ignore[no-untyped
     n = len(ds.y_test) if args.samples is None else args.samples
     if n < 1:
         raise UsageError(f"--samples must be >= 1, got {n}")
-    return ds.x_test[:n], ds.y_test[:n], ds.name
+    return EvalSamples(ds.x_test[:n], ds.y_test[:n], ds.name)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,34 +99,37 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     loaded = resolve_model(args)
     raw, labels, ds_name = split(args, loaded)
-    schedule = args.schedule or default_schedule(args.backend)
+    schedule = as_schedule(args.schedule or default_schedule(args.backend))
     cfg = RunConfig(timesteps=args.timesteps, presim=args.presim, schedule=schedule)
     summary = evaluate(args.backend, loaded.graph, raw, labels, cfg, args.batch_size,
                        BackendOptions(device=args.device, progress=not args.json),
                        progress=not args.json)
-    out = summary.to_json()
-    out["dataset"] = ds_name
-    out["profile"] = loaded.graph.meta.profile
     batch = min(args.batch_size, summary.samples)
-    out["batch_size"] = batch
-    out["recording_bytes_per_batch"] = recording_bytes(loaded.graph, cfg, batch)
+    report = RunReport(summary, ds_name, loaded.graph.meta.profile, batch,
+                       recording_bytes(loaded.graph, cfg, batch))
     if args.json:
-        print_json(out)
+        print_json(report.to_json())
         return 0
-    con = console()
+    print_run(report, args.backend, sum(la.neurons for la in loaded.graph.if_layers))
+    return 0
+
+
+def print_run(report: RunReport, backend: str, neurons: int) -> None:
+    """The run table and the recording-memory note (``neurons``: IF neurons in the graph)."""
+    summary, batch = report.summary, report.batch_size
     latency = f"{summary.latency_steps}"
     if summary.pipeline_depth:
         latency += (f" (P {summary.presim} + T {summary.timesteps} + pipeline depth "
                     f"{summary.pipeline_depth})")
     else:
         latency += f" (P {summary.presim} + T {summary.timesteps})"
+    con = console()
     con.print(table(
-        f"{args.backend} back end, {schedule} schedule, profile {loaded.graph.meta.profile}",
+        f"{backend} back end, {summary.schedule} schedule, profile {report.profile}",
         ["backend", "samples", "accuracy %", "latency steps", "firing rate", "samples/s"],
-        [(args.backend, summary.samples, 100 * summary.accuracy, latency,
+        [(backend, summary.samples, 100 * summary.accuracy, latency,
           summary.firing_rate, summary.throughput)]))
     con.print(f"recording every spike of every layer (as verify does) would need "
-              f"{format_bytes(out['recording_bytes_per_batch'])} per batch of {batch} "
-              f"({summary.latency_steps} steps x {sum(la.neurons for la in loaded.graph.if_layers)}"
-              f" neurons x {batch} samples, one byte each)")
-    return 0
+              f"{format_bytes(report.recording_bytes_per_batch)} per batch of {batch} "
+              f"({summary.latency_steps} steps x {neurons} neurons x {batch} samples, "
+              "one byte each)")

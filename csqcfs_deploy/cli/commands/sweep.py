@@ -12,15 +12,18 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 from tqdm import tqdm
 
 from csqcfs_deploy.cli.commands.common import (
     add_dataset_args,
     add_json_arg,
     add_model_args,
+    as_schedule,
     console,
     print_json,
     resolve_model,
@@ -82,8 +85,9 @@ class AnnAccuracy:
     float_source: str
 
 
-def ann_accuracies(loaded: LoadedModel, raw: np.ndarray, labels: np.ndarray,
+def ann_accuracies(loaded: LoadedModel, raw: NDArray[Any], labels: NDArray[np.integer[Any]],
                    batch_size: int) -> AnnAccuracy:
+    """Both ANN accuracies on raw samples (N, *input_shape), in batches of ``batch_size``."""
     graph = loaded.graph
     q_pred = np.concatenate([
         ann_forward(graph, input_units(graph, raw[i:i + batch_size])).predictions
@@ -137,9 +141,41 @@ def plot_sweep(path: str, rows: list[EvalSummary], ann: AnnAccuracy, title: str)
     plt.close(fig)
 
 
+@dataclass(frozen=True)
+class SweepReport:
+    """Every (T, P) run of the integer simulator, and the ANN accuracies to compare with.
+
+    ``rows``: one evaluation per configuration, P outer, T inner; ``plot``: the PNG
+    written, if any.
+    """
+
+    model: str
+    dataset: str
+    profile: str | None
+    schedule: str
+    samples: int
+    ann: AnnAccuracy
+    rows: tuple[EvalSummary, ...]
+    plot: str | None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "model": self.model, "dataset": self.dataset, "profile": self.profile,
+            "schedule": self.schedule, "samples": self.samples, "levels": self.ann.levels,
+            "float_ann_accuracy": self.ann.float_ann, "float_ann_source": self.ann.float_source,
+            "quantized_ann_accuracy": self.ann.quantized_ann,
+            "rows": [{"timesteps": r.timesteps, "presim": r.presim,
+                      "latency_steps": r.latency_steps, "pipeline_depth": r.pipeline_depth,
+                      "accuracy": r.accuracy, "firing_rate": r.firing_rate,
+                      "seconds": round(r.seconds, 4)} for r in self.rows],
+            "plot": self.plot,
+        }
+
+
 def run(args: argparse.Namespace) -> int:
     timesteps = int_list(args.timesteps, "--timesteps", 1)
     presims = int_list(args.presim, "--presim", 0)
+    schedule = as_schedule(args.schedule)
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.plot is not None:
@@ -151,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = resolve_model(args)
     raw, labels, ds_name = split(args, loaded)
     ann = ann_accuracies(loaded, raw, labels, args.batch_size)
-    configs = [RunConfig(timesteps=t, presim=p, schedule=args.schedule)
+    configs = [RunConfig(timesteps=t, presim=p, schedule=schedule)
                for p in presims for t in timesteps]
     rows: list[EvalSummary] = []
     for cfg in tqdm(configs, desc="sweep", unit="run", disable=args.json, leave=False):
@@ -159,34 +195,32 @@ def run(args: argparse.Namespace) -> int:
                              progress=not args.json))
     model = str(loaded.source) if loaded.source is not None else str(args.user_model)
     title = (f"{loaded.graph.meta.arch or model} on {ds_name}, profile "
-             f"{loaded.graph.meta.profile}, {args.schedule}, {len(labels)} samples")
+             f"{loaded.graph.meta.profile}, {schedule}, {len(labels)} samples")
     if args.plot is not None:
         plot_sweep(args.plot, rows, ann, title)
+    report = SweepReport(model, ds_name, loaded.graph.meta.profile, schedule,
+                         int(len(labels)), ann, tuple(rows), args.plot)
     if args.json:
-        print_json({
-            "model": model, "dataset": ds_name, "profile": loaded.graph.meta.profile,
-            "schedule": args.schedule, "samples": int(len(labels)), "levels": ann.levels,
-            "float_ann_accuracy": ann.float_ann, "float_ann_source": ann.float_source,
-            "quantized_ann_accuracy": ann.quantized_ann,
-            "rows": [{"timesteps": r.timesteps, "presim": r.presim,
-                      "latency_steps": r.latency_steps, "pipeline_depth": r.pipeline_depth,
-                      "accuracy": r.accuracy, "firing_rate": r.firing_rate,
-                      "seconds": round(r.seconds, 4)} for r in rows],
-            "plot": args.plot,
-        })
+        print_json(report.to_json())
         return 0
+    print_sweep(report, title)
+    return 0
+
+
+def print_sweep(report: SweepReport, title: str) -> None:
+    """The ANN accuracies, then one table row per (T, P)."""
     con = console()
+    ann = report.ann
     float_text = ("n/a" if ann.float_ann is None
                   else f"{100 * ann.float_ann:.2f} % ({ann.float_source})")
     con.print(f"float ANN {float_text}; quantized ANN (L = {ann.levels}) "
               f"{100 * ann.quantized_ann:.2f} %")
-    float_cell = "n/a" if ann.float_ann is None else 100 * ann.float_ann
+    float_cell: object = "n/a" if ann.float_ann is None else 100 * ann.float_ann
     con.print(table(title, ["T", "P", "latency steps", "float ANN %",
                             f"quantized ANN (L={ann.levels}) %", "SNN %", "firing rate",
                             "samples/s"],
                     [(r.timesteps, r.presim, r.latency_steps, float_cell,
                       100 * ann.quantized_ann, 100 * r.accuracy, r.firing_rate, r.throughput)
-                     for r in rows]))
-    if args.plot is not None:
-        con.print(f"wrote {args.plot}")
-    return 0
+                     for r in report.rows]))
+    if report.plot is not None:
+        con.print(f"wrote {report.plot}")

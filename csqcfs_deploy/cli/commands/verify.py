@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 from csqcfs_deploy.cli.commands.common import (
     add_dataset_args,
@@ -17,7 +18,7 @@ from csqcfs_deploy.cli.commands.run import add_run_args, split
 from csqcfs_deploy.errors import UsageError, VerificationFailed
 from csqcfs_deploy.run.backends import BACKENDS, BackendOptions
 from csqcfs_deploy.run.reference import input_units
-from csqcfs_deploy.run.verify import VerifyResult, verify
+from csqcfs_deploy.run.verify import Mismatch, VerifyResult, verify
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -45,7 +46,32 @@ def parse_backends(text: str) -> list[str]:
     return names
 
 
+@dataclass(frozen=True)
+class VerifyReport:
+    """What ``verify --json`` prints: the result and the inputs it was run on."""
+
+    result: VerifyResult
+    dataset: str
+    samples: int
+    timesteps: int
+    presim: int
+
+    def to_json(self) -> dict[str, object]:
+        """The result's JSON followed by dataset, samples, timesteps and presim."""
+        return {**self.result.to_json(), "dataset": self.dataset, "samples": self.samples,
+                "timesteps": self.timesteps, "presim": self.presim}
+
+
+def describe_mismatch(m: Mismatch) -> str:
+    """One line: which comparison, layer, sample, neuron and step, and both values."""
+    idx = ",".join(str(i) for i in m.neuron)
+    where = f"step {m.step}" if m.step else "end of run"
+    return (f"{m.backend} vs {m.reference}: layer {m.layer}, sample {m.sample}, "
+            f"neuron ({idx}), {where}: expected {m.expected}, got {m.got}")
+
+
 def print_result(result: VerifyResult) -> None:
+    """Mismatches / values compared per layer and comparison, then one line each."""
     con = console()
     cols = ["layer", "neurons", "spikes (int)"] + [c.name for c in result.comparisons]
     rows = []
@@ -68,7 +94,7 @@ def print_result(result: VerifyResult) -> None:
         con.print(f"{name}: not compared ({why})")
     first = result.first_mismatch
     if first is not None:
-        con.print(f"first mismatch: {first.describe()}")
+        con.print(f"first mismatch: {describe_mismatch(first)}")
     con.print("IDENTICAL: every compared spike agrees" if result.identical
               else "NOT IDENTICAL")
 
@@ -84,12 +110,7 @@ def run(args: argparse.Namespace) -> int:
                     BackendOptions(device=args.device, progress=False),
                     progress=not args.json)
     if args.json:
-        out = result.to_json()
-        out["dataset"] = ds_name
-        out["samples"] = len(x)
-        out["timesteps"] = args.timesteps
-        out["presim"] = args.presim
-        print_json(out)
+        print_json(VerifyReport(result, ds_name, len(x), args.timesteps, args.presim).to_json())
     else:
         print_result(result)
     return 0 if result.identical else VerificationFailed.exit_code

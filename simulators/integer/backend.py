@@ -11,7 +11,7 @@ from csqcfs_deploy.ir import IFGraph
 from csqcfs_deploy.ir.schedule import RunConfig
 from csqcfs_deploy.run.backends import BackendOptions
 from csqcfs_deploy.run.results import RunResult
-from csqcfs_deploy.simulators.integer import Simulator
+from csqcfs_deploy.simulators.integer.simulator import Simulator
 
 
 @dataclass

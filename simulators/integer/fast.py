@@ -1,8 +1,19 @@
-"""Fast in-place forms of the IF rule for the batched simulator.
+"""The simulator's optimised, in-place form of :func:`csqcfs_deploy.ir.neuron.if_step`.
 
-They compute the same spikes and membranes as :func:`csqcfs_deploy.ir.neuron.if_step`
-(the one specification) with fewer memory passes; ``tests/test_simulator.py``
-checks them against it.
+A **deliberate independent copy** of the IF rule, kept because the batched scan
+must update membranes in place in the scan's own dtype (float32, float64,
+int32 or int64, proven exact by :class:`~.arithmetic.LayerArithmetic`) with as
+few memory passes as possible, which the pure int64 :func:`~csqcfs_deploy.ir.neuron.if_step`
+cannot do. It computes the same spikes and membranes as that one
+specification; ``tests/test_simulator.py`` checks it against ``if_step`` in
+every dtype, and the whole simulator against :func:`~.reference.reference_simulate`
+(which uses ``if_step`` itself).
+
+With ``v`` already holding ``v + current + bias`` (N, *shape)::
+
+    v <- clamp(v, v_min, v_max)      (skipped when the caller proved it cannot trigger)
+    s <- v > fire_th                 (fire_th = v_th on strict profiles, else v_th - 1)
+    v <- v - s * v_th   or   v <- 0 where s
 """
 
 from __future__ import annotations
@@ -12,8 +23,6 @@ from dataclasses import dataclass
 import torch
 
 from csqcfs_deploy.ir.neuron import IFParams
-
-# --------------------------------------------------------------------------- fast forms
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,97 @@
+"""The plain, independent check of :class:`~.simulator.Simulator`.
+
+:func:`reference_simulate` runs the same simulation the obvious way, step by
+step, with nothing proven or fused: float64 :func:`~csqcfs_deploy.ir.synapses.apply_projection`
+per step (exact below 2**53, checked), the one specification's
+:func:`~csqcfs_deploy.ir.neuron.if_step` and :func:`~csqcfs_deploy.ir.neuron.readout_step`
+in int64, and each layer's :class:`~csqcfs_deploy.ir.neuron.LayerEvents` for the
+mask, the re-initialisations, the readout clear and the counted window. Slow;
+``tests/test_simulator.py`` checks the simulator against it spike for spike.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from csqcfs_deploy.errors import GraphError
+from csqcfs_deploy.ir import IFGraph, IFLayer, ReadoutLayer
+from csqcfs_deploy.ir.neuron import (
+    exact_float_bound,
+    graph_events,
+    if_params,
+    if_step,
+    per_channel,
+    readout_step,
+)
+from csqcfs_deploy.ir.profiles import get_profile
+from csqcfs_deploy.ir.schedule import RunConfig, projection_delay, total_steps
+from csqcfs_deploy.ir.synapses import apply_projection, apply_weight_exp, max_abs_output
+from csqcfs_deploy.run.results import RunResult, check_integer_input, make_run_result
+
+
+@torch.no_grad()
+def reference_simulate(graph: IFGraph, x_int: torch.Tensor, cfg: RunConfig) -> RunResult:
+    """Run integer inputs ``x_int`` (N, *input_shape) through ``graph``, the plain way.
+
+    Per layer ``j`` (topological order) and step ``t``: ``acc_t = sum_p
+    shift(W_p (*) pool_p(out_src[t - delay_p]), weight_exp_p)`` (int64), then
+    ``s, v = if_step(profile.current(acc_t), v, params)``, the output ``s & mask``,
+    and at the end of the step the layer's events (mask ``v > 0`` and re-init to
+    ``v_init``, fill re-init, readout clear).
+    """
+    if not graph.is_integer:
+        raise GraphError("the simulator runs quantized graphs")
+    check_integer_input(graph, x_int, "integer simulator")
+    profile = get_profile(str(graph.meta.profile))
+    steps = total_steps(graph, cfg)
+    events = graph_events(graph, cfg)
+    n = x_int.shape[0]
+    x = x_int.to(torch.float64)
+    outs: dict[str, torch.Tensor] = {}
+    spikes: dict[str, torch.Tensor] = {}
+    masks: dict[str, torch.Tensor] = {}
+    readout_v: torch.Tensor | None = None
+    for name in graph.topological_order()[1:]:
+        layer = graph.node(name)
+        ev = events[name]
+        acc = torch.zeros((steps, n, *layer.shape), dtype=torch.int64)
+        for p in graph.incoming(name):
+            delay = projection_delay(graph, cfg, p.name)
+            for t in range(delay, steps):
+                src = x if p.src == graph.input.name else outs[p.src][t - delay]
+                peak = float(src.abs().max()) if src.numel() else 0.0
+                if max_abs_output(p, peak) >= exact_float_bound(torch.float64):
+                    raise GraphError(f"projection {p.name}: sums beyond float64")
+                part = apply_projection(p, src).round().to(torch.int64)
+                acc[t] += apply_weight_exp(part, p.weight_exp)
+        if isinstance(layer, IFLayer):
+            params = if_params(layer, profile)
+            v = params.v_init.expand(n, *layer.shape).clone()
+            mask: torch.Tensor | None = None
+            out = torch.zeros((steps, n, *layer.shape), dtype=torch.bool)
+            for t in range(steps):
+                s, v = if_step(profile.current(acc[t]), v, params)
+                out[t] = s if mask is None else s & mask
+                if ev.masks_after(t + 1):
+                    mask = v > 0
+                    masks[name] = mask
+                if ev.reinit_after(t + 1):
+                    v = params.v_init.expand(n, *layer.shape).clone()
+            outs[name] = out.to(torch.float64)
+            spikes[name] = out
+        elif isinstance(layer, ReadoutLayer):
+            bias = per_channel(layer.bias, 2, torch.int64)
+            v = torch.zeros((n, *layer.shape), dtype=torch.int64)
+            for t in range(steps):
+                v = readout_step(profile.current(acc[t]), v, bias, profile)
+                if ev.clears_after(t + 1):
+                    v = torch.zeros_like(v)
+            readout_v = v
+    if readout_v is None:  # pragma: no cover - IFGraph validates its readout
+        raise GraphError("the graph has no readout layer")
+    return make_run_result(
+        graph, cfg, steps, readout_v,
+        spike_counts={k: s.sum(0, dtype=torch.int32) for k, s in spikes.items()},
+        window_counts={k: s[events[k].window].sum(0, dtype=torch.int32)
+                       for k, s in spikes.items()},
+        spikes=spikes, masks=masks)
