@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from csqcfs_deploy.errors import GraphError, InputFileError, QuantizationError
+from csqcfs_deploy.errors import InputFileError, QuantizationError, TargetError
 from csqcfs_deploy.files import require_file, write_atomic
 from csqcfs_deploy.ir import ConvProjection, DenseProjection, IFGraph, IFLayer
 from csqcfs_deploy.ir.kinds import KindTable
@@ -145,7 +145,7 @@ def _chain(graph: IFGraph) -> list[str]:
     for prev, name in zip(order, order[1:], strict=False):
         inc = graph.incoming(name)
         if len(inc) != 1 or inc[0].src != prev or len(graph.outgoing(prev)) != 1:
-            raise GraphError(f"netx describes a feed-forward chain; layer {name} has a "
+            raise TargetError(f"netx describes a feed-forward chain; layer {name} has a "
                              "residual or branching connection (export it as NIR or run it "
                              "with --backend lava)")
     return order
@@ -219,12 +219,12 @@ def plan_netx(graph: IFGraph) -> NetxPlan:
     layers: list[NetxLayer] = []
     readout_offset = np.zeros(0, dtype=np.int64)
     for name in order[1:]:
-        layer = graph.node(name)
+        layer = graph.neuron_group(name)
         p = graph.incoming(name)[0]
-        src_shape = graph.node(p.src).shape
+        src_shape = graph.layer(p.src).shape
         q = lava_projection(p, src_shape)
         if q.weight_exp != 0:
-            raise GraphError(f"projection {p.name}: netx chooses dense weight exponents itself; "
+            raise TargetError(f"projection {p.name}: netx chooses dense weight exponents itself; "
                              "a graph weight exponent cannot be exported")
         if isinstance(layer, IFLayer):
             g = _layer_cut(layer, prof)

@@ -28,43 +28,44 @@ class IFGraph(Node):
     layers: tuple[Layer, ...]
     projections: tuple[ProjectionT, ...]
     meta: GraphMeta
-    _by_name: dict[str, Any] = field(default_factory=dict, repr=False)
+    _by_name: dict[str, Layer | ProjectionT] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         set_field(self, "layers", tuple(self.layers))
         set_field(self, "projections", tuple(self.projections))
-        by_name: dict[str, Any] = {}
+        by_name: dict[str, Layer | ProjectionT] = {}
         for node in (*self.layers, *self.projections):
             if node.name in by_name:
                 raise GraphError(f"duplicate node name {node.name!r}")
             by_name[node.name] = node
         set_field(self, "_by_name", by_name)
+        layer_of = {la.name: la for la in self.layers}
         inputs = [la for la in self.layers if isinstance(la, InputLayer)]
         readouts = [la for la in self.layers if isinstance(la, ReadoutLayer)]
         if len(inputs) != 1:
             raise GraphError(f"graph needs exactly one input layer, has {len(inputs)}")
         if len(readouts) != 1:
             raise GraphError(f"graph needs exactly one readout layer, has {len(readouts)}")
-        layer_names = {la.name for la in self.layers}
         for p in self.projections:
             for end in (p.src, p.dst):
-                if end not in layer_names:
+                if end not in layer_of:
                     raise GraphError(f"projection {p.name}: unknown layer {end!r}")
-            if isinstance(self._by_name[p.dst], InputLayer):
+            if isinstance(layer_of[p.dst], InputLayer):
                 raise GraphError(f"projection {p.name} targets the input layer")
-            if isinstance(self._by_name[p.src], ReadoutLayer):
+            if isinstance(layer_of[p.src], ReadoutLayer):
                 raise GraphError(f"projection {p.name} starts at the readout (it does not spike)")
-            out = p.out_shape(self._by_name[p.src].shape)
-            if out != self._by_name[p.dst].shape:
+            out = p.out_shape(layer_of[p.src].shape)
+            if out != layer_of[p.dst].shape:
                 raise GraphError(f"projection {p.name}: produces shape {out} but layer "
-                                 f"{p.dst} has shape {self._by_name[p.dst].shape}")
+                                 f"{p.dst} has shape {layer_of[p.dst].shape}")
         for la in self.layers:
             if not isinstance(la, InputLayer) and not self.incoming(la.name):
                 raise GraphError(f"layer {la.name} has no incoming projection")
         self.topological_order()  # raises on a cycle
 
     # ---- lookup ----------------------------------------------------------
-    def node(self, name: str) -> Any:
+    def node(self, name: str) -> Layer | ProjectionT:
+        """The layer or projection named ``name`` (GraphError if there is none)."""
         try:
             return self._by_name[name]
         except KeyError:
@@ -75,6 +76,13 @@ class IFGraph(Node):
         node = self.node(name)
         if not isinstance(node, (InputLayer, IFLayer, ReadoutLayer)):
             raise GraphError(f"node {name!r} is not a layer")
+        return node
+
+    def neuron_group(self, name: str) -> IFLayer | ReadoutLayer:
+        """The IF layer or readout named ``name`` (GraphError for the input or a projection)."""
+        node = self.node(name)
+        if not isinstance(node, (IFLayer, ReadoutLayer)):
+            raise GraphError(f"node {name!r} is not an IF layer or the readout")
         return node
 
     def projection(self, name: str) -> ProjectionT:
@@ -95,7 +103,7 @@ class IFGraph(Node):
     @property
     def if_layers(self) -> tuple[IFLayer, ...]:
         order = self.topological_order()
-        return tuple(self.node(n) for n in order if isinstance(self.node(n), IFLayer))
+        return tuple(la for n in order if isinstance(la := self.node(n), IFLayer))
 
     @property
     def is_integer(self) -> bool:

@@ -189,7 +189,7 @@ class LayerEvents:
 def layer_events(graph: IFGraph, cfg: RunConfig, layer: str) -> LayerEvents:
     """The :class:`LayerEvents` of ``layer`` under ``cfg``."""
     b = boundary(graph, cfg, layer)
-    is_if = isinstance(graph.node(layer), IFLayer)
+    is_if = isinstance(graph.layer(layer), IFLayer)
     return LayerEvents(boundary=b, timesteps=cfg.timesteps,
                        mask_step=b if (cfg.presim > 0 and is_if) else 0,
                        fill_step=fill_reset_step(graph, cfg, layer) if is_if else 0)

@@ -86,7 +86,7 @@ def projection_delay(graph: IFGraph, cfg: RunConfig, projection: str) -> int:
     """Steps between a source's output and its arrival at the target."""
     if cfg.schedule == "synchronous":
         return 0
-    p = graph.node(projection)
+    p = graph.projection(projection)
     depth = graph.depths()
     return depth[p.dst] - depth[p.src]
 

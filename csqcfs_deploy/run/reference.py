@@ -72,7 +72,7 @@ def ann_forward(graph: IFGraph, x: torch.Tensor, levels: int | None = None) -> A
     max_abs: dict[str, float] = {graph.input.name: float(x.abs().max()) * L if x.numel() else 0.0}
     readout = logits = None
     for name in graph.topological_order()[1:]:
-        layer = graph.node(name)
+        layer = graph.neuron_group(name)
         acc: torch.Tensor | None = None
         for p in graph.incoming(name):
             if integer and max_abs_output(p, max_abs[p.src]) >= exact_float_bound(torch.float64):

@@ -130,7 +130,7 @@ class _Names:
         pool = {p.name: fresh(f"{p.name}_pool") for p in graph.projections if p.pool}
         flatten = {p.name: fresh(f"{p.name}_flatten") for p in graph.projections
                    if PROJECTION_WRITERS.lookup(p).flattens_images and len(p.pooled_shape(
-                       graph.node(p.src).shape)) > 1}
+                       graph.layer(p.src).shape)) > 1}
         return cls(pool, flatten)
 
 
@@ -210,7 +210,7 @@ def _chain(graph: IFGraph, p: ProjectionT, names: _Names, nodes: dict[str, nir.N
             padding=np.array(p.pool.padding), metadata={"kind": "pool", "projection": p.name})
         edges.append((prev, pool_name))
         prev = pool_name
-    shape = p.pooled_shape(graph.node(p.src).shape)
+    shape = p.pooled_shape(graph.layer(p.src).shape)
     if p.name in names.flatten:
         flat_name = names.flatten[p.name]
         nodes[flat_name] = nir.Flatten(input_type={"input": np.array(shape)}, start_dim=0,

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from csqcfs_deploy.errors import GraphError
+from csqcfs_deploy.errors import TargetError
 from csqcfs_deploy.ir.neuron import (
     current_bound,
     exact_float_bound,
@@ -77,7 +77,7 @@ def sum_dtype_for(name: str, projection_bounds: ProjectionBounds,
         return torch.float32
     if need < exact_float_bound(torch.float64):
         return torch.float64
-    raise GraphError(f"layer {name}: synaptic sums may reach {need:.3g}, beyond exact "
+    raise TargetError(f"layer {name}: synaptic sums may reach {need:.3g}, beyond exact "
                      "float64 arithmetic")
 
 

@@ -52,7 +52,7 @@ def reference_simulate(graph: IFGraph, x_int: torch.Tensor, cfg: RunConfig) -> R
     masks: dict[str, torch.Tensor] = {}
     readout_v: torch.Tensor | None = None
     for name in graph.topological_order()[1:]:
-        layer = graph.node(name)
+        layer = graph.layer(name)
         ev = events[name]
         acc = torch.zeros((steps, n, *layer.shape), dtype=torch.int64)
         for p in graph.incoming(name):

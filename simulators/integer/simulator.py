@@ -110,7 +110,7 @@ class Simulator:
         readout_v: torch.Tensor | None = None
 
         for name in self._order[1:]:
-            layer = graph.node(name)
+            layer = graph.neuron_group(name)
             projs = graph.incoming(name)
             bounds = [(max_abs_output(p, sources[p.src].max_abs), p.weight_exp)
                       for p in projs]
@@ -125,7 +125,7 @@ class Simulator:
                 rows = n if constant else (steps - delay) * n
                 same = next((pt for pt in parts if (pt.delay, pt.constant) == (delay, constant)),
                             None)
-                src_shape = graph.node(p.src).shape
+                src_shape = graph.layer(p.src).shape
                 if rows > 0 and same is not None and self.synapses.adds_in_place(p, src):
                     w = self.synapses.weight(p, sum_dtype, src_shape)
                     same.sums.addcmul_(src.get(sum_dtype)[:rows], w)  # exact: layer bound

@@ -29,7 +29,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from csqcfs_deploy.convert.quantize import check_profile
-from csqcfs_deploy.errors import GraphError
+from csqcfs_deploy.errors import GraphError, TargetError
 from csqcfs_deploy.ir import (
     ConvProjection,
     DenseProjection,
@@ -92,7 +92,7 @@ def fold_pool(p: ProjectionT, src_shape: tuple[int, ...]) -> ProjectionT:
     if pool is None:
         return p
     if pool.kernel != pool.stride or pool.padding != (0, 0):
-        raise GraphError(
+        raise TargetError(
             f"projection {p.name}: its sum pool (kernel {pool.kernel}, stride {pool.stride}, "
             f"padding {pool.padding}) overlaps or is padded; the Lava exporter folds only "
             "non-overlapping, unpadded pools into the next weights")
@@ -105,7 +105,7 @@ def _fold_into_conv(p: ConvProjection, pool: SumPool, src_shape: tuple[int, ...]
     kh, kw = pool.kernel
     _, h, w = src_shape
     if p.padding != (0, 0) and (h % kh or w % kw):
-        raise GraphError(
+        raise TargetError(
             f"projection {p.name}: a padded conv after a {kh}x{kw} sum pool on a {h}x{w} "
             "map that the pool does not tile cannot be folded into one Lava Conv")
     weight = np.repeat(np.repeat(p.weight, kh, axis=2), kw, axis=3)
@@ -183,16 +183,16 @@ def check_lava_graph(graph: IFGraph) -> None:
     if not graph.is_integer:
         raise GraphError("the Lava back end runs quantized graphs; convert with --profile loihi2")
     if graph.meta.profile != "loihi2":
-        raise GraphError(f"the Lava back end runs the loihi2 profile only (Lava's fixed-point "
+        raise TargetError(f"the Lava back end runs the loihi2 profile only (Lava's fixed-point "
                          f"arithmetic); this graph is quantized for {graph.meta.profile}")
     check_profile(graph)
     max_src = {la.name: 1.0 for la in graph.layers}
     max_src[graph.input.name] = float(graph.input.encoding.max_abs_int)
     for p in graph.projections:
-        q = lava_projection(p, graph.node(p.src).shape)
+        q = lava_projection(p, graph.layer(p.src).shape)
         synapse = SYNAPSES.lookup(q)
         bound = max_abs_output(q, max_src[p.src])
         if bound >= synapse.exact_limit:
-            raise GraphError(f"projection {p.name}: one step's synaptic sum may reach "
+            raise TargetError(f"projection {p.name}: one step's synaptic sum may reach "
                              f"{bound:.3g}, beyond Lava's {synapse.range_label} exact range "
                              f"{synapse.exact_limit}")

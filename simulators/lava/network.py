@@ -155,7 +155,7 @@ def _readout_neurons(layer: ReadoutLayer, graph: IFGraph, cfg: RunConfig, clock:
 @_SYNAPSE_PROCESSES.register(ConvProjection)
 def _conv_process(q: ConvProjection, graph: IFGraph, message_bits: int) -> Any:
     """Lava Conv: weights in Lava's (O, kW, kH, I) layout, padding and stride as (X, Y)."""
-    src_shape, dst_shape = graph.node(q.src).shape, graph.node(q.dst).shape
+    src_shape, dst_shape = graph.layer(q.src).shape, graph.layer(q.dst).shape
     conn = Conv(weight=lava_conv_weight(q.weight), input_shape=lava_shape(src_shape),
                 padding=(q.padding[1], q.padding[0]), stride=(q.stride[1], q.stride[0]),
                 groups=q.groups, num_weight_bits=8, num_message_bits=message_bits,
@@ -195,7 +195,7 @@ def build_network(graph: IFGraph, cfg: RunConfig, directory: Path,
     procs[readout.name], readout_file = _readout_neurons(readout, graph, cfg, clock, directory)
     input_bits = get_profile("loihi2").input_bits
     for p in graph.projections:
-        q = lava_projection(p, graph.node(p.src).shape)
+        q = lava_projection(p, graph.layer(p.src).shape)
         src = procs[p.src]
         port = src.s_out_flat if SYNAPSES.lookup(q).flat_input else src.s_out
         delay = projection_delay(graph, cfg, p.name)

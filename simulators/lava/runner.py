@@ -154,7 +154,7 @@ class LavaRunner:
 
         def shaped(arrays: dict[str, NDArray[Any]]) -> dict[str, torch.Tensor]:
             """(..., n) per neuron, C-major -> (..., *layer shape) tensors."""
-            return {name: torch.from_numpy(a.reshape(*a.shape[:-1], *graph.node(name).shape))
+            return {name: torch.from_numpy(a.reshape(*a.shape[:-1], *graph.layer(name).shape))
                     for name, a in arrays.items()}
 
         return make_run_result(graph, cfg, steps, torch.from_numpy(readout), shaped(counts),

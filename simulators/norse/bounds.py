@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from csqcfs_deploy.errors import GraphError, UsageError
+from csqcfs_deploy.errors import GraphError, TargetError, UsageError
 from csqcfs_deploy.ir import IFGraph, IFLayer, ProjectionT
 from csqcfs_deploy.ir.neuron import current_bound, exact_float_bound, shifted_bound
 from csqcfs_deploy.ir.profiles import get_profile
@@ -191,7 +191,7 @@ def layer_bounds(graph: IFGraph, input_max_abs: int | None = None) -> tuple[Laye
     span = 0 if profile.current_bits is None else 1 << (profile.current_bits - profile.act_shift)
     bounds: list[LayerBound] = []
     for name in graph.topological_order()[1:]:
-        layer = graph.node(name)
+        layer = graph.neuron_group(name)
         synaptic = sum(
             projection_bound(p, in_max if p.src == graph.input.name else 1)
             for p in graph.incoming(name)
@@ -212,13 +212,13 @@ def layer_bounds(graph: IFGraph, input_max_abs: int | None = None) -> tuple[Laye
 def check_exact(bounds: tuple[LayerBound, ...], dtype: torch.dtype, steps: int | None) -> None:
     """Raise :class:`GraphError` naming the first layer ``dtype`` is not exact for."""
     if dtype not in FLOAT_DTYPES:
-        raise GraphError(f"the Norse module computes in a float dtype "
+        raise TargetError(f"the Norse module computes in a float dtype "
                          f"({', '.join(dtype_name(d) for d in FLOAT_DTYPES)}), "
                          f"not {dtype_name(dtype)}")
     for b in bounds:
         why = b.problem(dtype, steps)
         if why is not None:
-            raise GraphError(f"{why}; use float64" if dtype != torch.float64 else why)
+            raise TargetError(f"{why}; use float64" if dtype != torch.float64 else why)
 
 
 def exact_dtype(bounds: tuple[LayerBound, ...], steps: int | None) -> torch.dtype:

@@ -116,7 +116,7 @@ class NorseIFNetwork(nn.Module):
         order = graph.topological_order()[1:]
         self.layer_names: tuple[str, ...] = order
         self.if_layer_names: tuple[str, ...] = tuple(
-            n for n in order if isinstance(graph.node(n), IFLayer))
+            n for n in order if isinstance(graph.layer(n), IFLayer))
         self.readout_name = graph.readout.name
         keys = [_key(p.name) for p in graph.projections] + [_key(n) for n in order]
         if len(set(keys)) != len(keys):
@@ -129,7 +129,7 @@ class NorseIFNetwork(nn.Module):
         events = module_events(graph, self.presim)
         cells: dict[str, nn.Module] = {}
         for n in order:
-            layer = graph.node(n)
+            layer = graph.layer(n)
             if isinstance(layer, IFLayer):
                 cells[_key(n)] = IFNeuronCell(layer, profile, by_name[n], events[n], max_steps,
                                               dtype, method, alpha)
