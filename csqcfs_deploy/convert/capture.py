@@ -9,11 +9,12 @@ AvgPool2d, AdaptiveAvgPool2d to a size that divides the input, Flatten (also
 ``+`` and a final Linear readout. Anything else is refused with a
 :class:`GraphError` that names the node and its op.
 
-Activations are recognised by the reference implementations' convention: a
-module with a learnable threshold ``up`` (one value or one per channel), an
-integer level count ``t`` and optionally ``mode == 'softplus'`` (threshold
-``softplus(up)``, else ``up``); ``phi`` is read from the module if present
-(default 0.5).
+Activations are recognised by what they compute, not by attribute names
+(:mod:`.activation`): before tracing, the model runs once eagerly (which also
+checks the input shape), every module outside ``torch.nn`` is probed on the
+input it saw, and those whose forward is a clip-floor-shift chain become leaf
+ActOps with ``lambda`` evaluated by the module's own arithmetic. Modules with an
+integer ``T`` attribute are captured in their ANN mode (``T = 0``).
 
 Each fx node is translated by a handler looked up in a table: by fx opcode
 (:data:`_OPCODES`), by leaf-module class (:func:`~csqcfs_deploy.convert.modules.module_op`,
@@ -32,13 +33,8 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from csqcfs_deploy.convert.modules import (
-    Site,
-    activation_threshold,
-    is_activation,
-    leaf_op,
-    refuse,
-)
+from csqcfs_deploy.convert.activation import ActivationSpec, ann_mode, recognise
+from csqcfs_deploy.convert.modules import Site, activation_op, leaf_op, refuse
 from csqcfs_deploy.errors import GraphError
 from csqcfs_deploy.ir.ann import (
     ActOp,
@@ -57,8 +53,14 @@ from csqcfs_deploy.ir.ann import (
 
 
 class _Tracer(fx.Tracer):
+    """Keeps the recognised activations as leaves and traces through everything else."""
+
+    def __init__(self, activations: dict[str, ActivationSpec]) -> None:
+        super().__init__()
+        self.activations = activations
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return is_activation(m) or super().is_leaf_module(m, qualname)
+        return qualname in self.activations or super().is_leaf_module(m, qualname)
 
 
 _SHORT = {ConvOp: "conv", LinearOp: "fc", BatchNormOp: "bn", ActOp: "act", AvgPoolOp: "pool",
@@ -89,6 +91,7 @@ class _Capture:
 
     input_shape: tuple[int, ...]
     modules: dict[str, nn.Module]
+    activations: dict[str, ActivationSpec]
     nodes: list[AnnNode] = field(default_factory=list)
     alias: dict[str, str] = field(default_factory=dict)  # fx node name -> AnnNode name
     sizes: set[str] = field(default_factory=set)  # fx nodes that are x.size(0) / x.shape[0]
@@ -135,7 +138,9 @@ def _call_module(cap: _Capture, node: fx.Node, shape: Shape) -> None:
     in_shape = _shape_of(in_node) if isinstance(in_node, fx.Node) else None
     if shape is None:
         raise refuse(node, kind, "returns no tensor")
-    op = leaf_op(m, Site(node, kind, in_shape or (), shape))
+    site = Site(node, kind, in_shape or (), shape)
+    spec = cap.activations.get(str(node.target))
+    op = activation_op(spec, site) if spec is not None else leaf_op(m, site)
     if len(node.args) != 1 or node.kwargs:
         raise refuse(node, kind, "is called with more than one argument")
     if op is None:
@@ -246,36 +251,98 @@ _METHODS: dict[str, Handler] = {"size": _size, "view": _reshape, "reshape": _res
 
 
 def capture(model: nn.Module, input_shape: tuple[int, ...]) -> AnnGraph:
-    """Trace ``model`` (eval mode) on inputs of shape (N, *input_shape) into an AnnGraph."""
+    """Trace ``model`` (eval mode, ANN mode) on inputs of shape (N, *input_shape)."""
     model = model.eval()
-    try:
-        traced_graph = _Tracer().trace(model)
-    except (torch.fx.proxy.TraceError, TypeError, RuntimeError, NotImplementedError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise GraphError(f"model cannot be captured with torch.fx (data-dependent control "
-                         f"flow or an untraceable call): {msg}") from None
-    gm = fx.GraphModule(model, traced_graph)
-    try:
-        with torch.no_grad():
-            param = next(model.parameters(), None)
-            dtype = param.dtype if param is not None else torch.float32
-            ShapeProp(gm).propagate(torch.zeros(2, *input_shape, dtype=dtype))
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        msg = str(exc).strip().splitlines()[0]
-        raise GraphError(f"model does not run on inputs of shape {tuple(input_shape)}: "
-                         f"{msg}") from None
-
-    cap = _Capture(tuple(input_shape), dict(gm.named_modules()))
-    for node in gm.graph.nodes:
-        handler = _OPCODES.get(node.op)
-        if handler is None:
-            raise refuse(node, node.op)
-        handler(cap, node, _shape_of(node))
+    with ann_mode(model):
+        activations = find_activations(model, input_shape)
+        try:
+            traced_graph = _Tracer(activations).trace(model)
+        except (torch.fx.proxy.TraceError, TypeError, RuntimeError, NotImplementedError) as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise GraphError(f"model cannot be captured with torch.fx (data-dependent control "
+                             f"flow or an untraceable call): {msg}") from None
+        gm = fx.GraphModule(model, traced_graph)
+        try:
+            with torch.no_grad():
+                ShapeProp(gm).propagate(_probe_input(model, input_shape))
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            msg = str(exc).strip().splitlines()[0]
+            raise GraphError(f"model does not run on inputs of shape {tuple(input_shape)}: "
+                             f"{msg}") from None
+        cap = _Capture(tuple(input_shape), dict(gm.named_modules()), activations)
+        for node in gm.graph.nodes:
+            handler = _OPCODES.get(node.op)
+            if handler is None:
+                raise refuse(node, node.op)
+            handler(cap, node, _shape_of(node))
     if cap.output is None:
         raise GraphError("the model returns nothing")
     graph = AnnGraph(tuple(cap.nodes), cap.output)
     _check_readout(graph)
     return graph
+
+
+def _probe_input(model: nn.Module, input_shape: tuple[int, ...]) -> torch.Tensor:
+    """A seeded random batch of two inputs in the model's parameter dtype."""
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(2, *input_shape, generator=gen).to(dtype)
+
+
+def _first_layer(model: nn.Module) -> str:
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            return f"its first layer Conv2d '{name}' takes {m.in_channels} input channels"
+        if isinstance(m, nn.Linear):
+            return f"its first layer Linear '{name}' takes {m.in_features} input features"
+    return "it expects a different shape"
+
+
+class InputShapeError(GraphError):
+    """The model does not run on the data's input shape."""
+
+
+def find_activations(model: nn.Module, input_shape: tuple[int, ...]
+                     ) -> dict[str, ActivationSpec]:
+    """Run the model once (shape check), then probe every module outside ``torch.nn``
+    on the input it saw: module path -> spec of each recognised activation.
+
+    Raises :class:`InputShapeError` (one line naming both shapes) when the model
+    does not run on ``(N, *input_shape)``, and GraphError naming the module for a
+    quantizing module that is not a clip-floor-shift activation.
+    """
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, m in model.named_modules():
+        if not name or type(m).__module__.startswith("torch."):
+            continue
+
+        def hook(mod: nn.Module, args: tuple[object, ...], name: str = name) -> None:
+            if name not in seen and len(args) == 1 and isinstance(args[0], torch.Tensor):
+                seen[name] = args[0].detach().clone()
+
+        handles.append(m.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model(_probe_input(model, input_shape))
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's forward on this shape
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputShapeError(
+            f"the model does not run on inputs of shape {tuple(input_shape)} ({msg[:160]}); "
+            f"{_first_layer(model)}; pick the dataset with --dataset or give your own data "
+            "with --data FILE.npz") from None
+    finally:
+        for h in handles:
+            h.remove()
+    found: dict[str, ActivationSpec] = {}
+    for name, x in seen.items():
+        if any(name.startswith(f"{outer}.") for outer in found):
+            continue  # inside an activation already recognised
+        spec = recognise(model.get_submodule(name), x, name)
+        if spec is not None:
+            found[name] = spec
+    return found
 
 
 def _check_readout(graph: AnnGraph) -> None:
@@ -287,4 +354,4 @@ def _check_readout(graph: AnnGraph) -> None:
                          f"output comes from node '{node.name}' ({type(node.op).__name__})")
 
 
-__all__ = ["activation_threshold", "capture", "is_activation"]
+__all__ = ["InputShapeError", "capture", "find_activations"]

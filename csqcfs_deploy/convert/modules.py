@@ -2,8 +2,9 @@
 
 A leaf module is translated by its class (:func:`module_op`, a ``singledispatch``
 over the module's class and its bases: Conv2d, Linear, BatchNorm1d/2d, AvgPool2d,
-AdaptiveAvgPool2d, Flatten, Dropout, Identity) or, first, as a CS-QCFS / QCFS
-activation by the reference implementations' convention (:func:`is_activation`).
+AdaptiveAvgPool2d, Flatten, Dropout, Identity). Activations are recognised
+before that by what their forward computes (:mod:`.activation`) and become
+ActOps through :func:`activation_op`.
 Anything else is a :class:`GraphError` naming the node and its module.
 """
 
@@ -15,8 +16,8 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.nn import functional as F
 
+from csqcfs_deploy.convert.activation import ActivationSpec
 from csqcfs_deploy.errors import GraphError
 from csqcfs_deploy.ir.ann import (
     ActOp,
@@ -29,36 +30,6 @@ from csqcfs_deploy.ir.ann import (
     Op,
 )
 from csqcfs_deploy.ir.kinds import FloatArray
-
-# --------------------------------------------------------------------------- recognise
-
-
-def is_activation(module: nn.Module) -> bool:
-    """True for a module following the QCFS convention (``up`` threshold, ``t`` levels)."""
-    # read the raw tables: during fx tracing, attribute access returns proxies
-    up = _raw_up(module)
-    t = vars(module).get("t", getattr(type(module), "t", None))
-    return isinstance(up, torch.Tensor) and isinstance(t, int) and not isinstance(t, bool)
-
-
-def _raw_up(module: nn.Module) -> torch.Tensor | None:
-    for table in (module._parameters, module._buffers, vars(module)):
-        up = table.get("up")
-        if isinstance(up, torch.Tensor):
-            return up
-    return None
-
-
-def activation_threshold(module: nn.Module) -> torch.Tensor:
-    """The activation's threshold (``softplus(up)`` in softplus mode, else ``up``), 1-D."""
-    up = _raw_up(module)
-    if up is None:
-        raise GraphError(f"{type(module).__name__} has no threshold 'up'; it is not a "
-                         "CS-QCFS/QCFS activation")
-    up = up.detach().to(torch.float64).flatten()
-    if getattr(module, "mode", None) == "softplus":
-        return F.softplus(up)
-    return up
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -99,17 +70,15 @@ class Site:
     out_shape: tuple[int, ...]
 
 
-def _activation_op(m: nn.Module, site: Site) -> ActOp:
-    thr = activation_threshold(m)
+def activation_op(spec: ActivationSpec, site: Site) -> ActOp:
+    """The ActOp of a recognised activation (:mod:`.activation`), checked against its site."""
+    thr = spec.threshold
     channels = site.out_shape[0]
-    if thr.numel() == 1:
-        thr = thr.expand(channels)
-    elif thr.numel() != channels:
+    if thr.numel() != channels:
         raise GraphError(f"node '{site.node.name}' ({site.kind}): threshold has {thr.numel()} "
                          f"values for {channels} channels")
-    phi = float(getattr(m, "phi", 0.5))
-    lam: FloatArray = thr.numpy().copy()
-    return ActOp(lam, int(m.t), phi, lam.copy())  # type: ignore[arg-type]
+    lam: FloatArray = thr.detach().to(torch.float64).numpy().copy()
+    return ActOp(lam, spec.levels, spec.phi, lam.copy())
 
 
 @functools.singledispatch
@@ -198,7 +167,5 @@ def _identity(m: nn.Identity, site: Site) -> Op | None:
 
 
 def leaf_op(m: nn.Module, site: Site) -> Op | None:
-    """An activation by convention (:func:`is_activation`), else by class."""
-    if is_activation(m):
-        return _activation_op(m, site)
+    """A leaf module by class (activations are recognised before, by what they compute)."""
     return module_op(m, site)
