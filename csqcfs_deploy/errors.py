@@ -33,6 +33,16 @@ class TargetError(GraphError):
     """
 
 
+class FoldMismatch(GraphError):
+    """The folded float graph does not reproduce the user's model on the calibration inputs.
+
+    Raised by :func:`csqcfs_deploy.convert.check.check_fold` naming the first diverging
+    layer; ``check`` holds the :class:`~csqcfs_deploy.convert.check.FoldCheck`.
+    """
+
+    check: object = None
+
+
 class InputDataError(GraphError):
     """Input data handed to a runner is not what the graph takes (shape, dtype, range)."""
 

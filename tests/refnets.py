@@ -220,3 +220,15 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
             elif isinstance(m, UpFloor):
                 m.up.copy_(torch.rand(1, generator=gen) + 1.0)
     return model.eval()
+
+
+def build(arch: str = "vgg", convention: str = "thresh-if", in_channels: int = 1,
+          num_classes: int = 10, spatial: int = 8, T: int = 0) -> nn.Module:
+    """A factory for ``--model tests.refnets:build`` with ``--model-args``."""
+    act = CONVENTIONS[convention]
+    if arch == "vgg":
+        return RefVGG(act, in_channels=in_channels, num_classes=num_classes, spatial=spatial,
+                      T=T)
+    if arch == "resnet":
+        return RefResNet(act, in_channels=in_channels, num_classes=num_classes, T=T)
+    raise ValueError(f"arch must be 'vgg' or 'resnet', got {arch!r}")

@@ -1,11 +1,13 @@
 """Training CS-QCFS networks (deterministic for a seed).
 
 Adam with a one-cycle learning rate, cross-entropy, random +-1 pixel shifts as
-augmentation on 8x8 inputs (random crop with padding 4 and flips on 32x32).
+augmentation on 8x8 inputs (random crop with padding 4 and horizontal flips on
+32x32, except for digits32: digits are not mirror-invariant).
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -22,9 +24,16 @@ from csqcfs_deploy.train.checkpoint import ModelConfig
 from csqcfs_deploy.train.datasets import Dataset
 from csqcfs_deploy.train.zoo import arch_spec, build_model
 
+# datasets whose images are not mirror-invariant: never flipped in augmentation
+UNMIRRORED = frozenset({"digits", "digits32"})
+
 
 @dataclass(frozen=True)
 class TrainOptions:
+    """Training options. ``init_threshold``: the initial lambda (None: see
+    :func:`initial_threshold`); ``flip``: mirror inputs in augmentation (None: see
+    :func:`mirrors`)."""
+
     arch: str = "digits-cnn"
     levels: int = 1
     phi: float = 0.5
@@ -34,6 +43,8 @@ class TrainOptions:
     weight_decay: float = 5e-4
     seed: int = 0
     progress: bool = True
+    init_threshold: float | None = None
+    flip: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -46,8 +57,8 @@ class TrainResult:
     epochs: int
 
 
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random shift (and horizontal flip for 32x32) of a batch (N, C, H, W)."""
+def _augment(x: torch.Tensor, gen: torch.Generator, flip: bool) -> torch.Tensor:
+    """Random shift (and, with ``flip``, horizontal mirroring) of a batch (N, C, H, W)."""
     n, _, h, w = x.shape
     pad = 1 if h <= 8 else 4
     padded = F.pad(x, (pad, pad, pad, pad))
@@ -58,10 +69,32 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     idx_n = torch.arange(n)[:, None, None, None]
     idx_c = torch.arange(x.shape[1])[None, :, None, None]
     out = padded[idx_n, idx_c, rows, cols]
-    if h > 8:
-        flip = torch.rand(n, generator=gen) < 0.5
-        out[flip] = out[flip].flip(-1)
+    if flip:
+        mirror = torch.rand(n, generator=gen) < 0.5
+        out[mirror] = out[mirror].flip(-1)
     return out
+
+
+def mirrors(dataset: Dataset) -> bool:
+    """Whether training mirrors inputs by default: images wider than 8 pixels, unless the
+    dataset is one of :data:`UNMIRRORED` (digits change meaning when mirrored)."""
+    return dataset.input_shape[-1] > 8 and dataset.name not in UNMIRRORED
+
+
+def initial_threshold(options: TrainOptions) -> float:
+    """The initial threshold lambda of every activation.
+
+    ``options.init_threshold`` when given; else the architecture's default, but at
+    most ``L`` (one unit of the BatchNorm-normalised pre-activation per level). The
+    CIFAR layouts default to 8.0, made for L = 8: at L = 1 their first step,
+    ``lambda / 2``, would lie at 4 standard deviations and almost no unit would fire.
+    """
+    if options.init_threshold is not None:
+        if not options.init_threshold > 0:
+            raise UsageError(f"the initial threshold must be > 0, got {options.init_threshold}")
+        return float(options.init_threshold)
+    default = inspect.signature(arch_spec(options.arch).build).parameters["init_threshold"]
+    return min(float(default.default), float(options.levels))
 
 
 @torch.no_grad()
@@ -84,10 +117,12 @@ def train(dataset: Dataset, options: TrainOptions) -> TrainResult:
             f"architecture {options.arch} takes inputs {spec.input_shape}, "
             f"dataset {dataset.name} has {dataset.input_shape}"
         )
+    flip = mirrors(dataset) if options.flip is None else options.flip
     torch.manual_seed(options.seed)
     np.random.seed(options.seed)
     gen = torch.Generator().manual_seed(options.seed)
-    model = build_model(options.arch, options.levels, options.phi, dataset.classes)
+    model = build_model(options.arch, options.levels, options.phi, dataset.classes,
+                        init_threshold=initial_threshold(options))
     x_train = torch.from_numpy(dataset.encoding.normalize(dataset.x_train))
     y_train = torch.from_numpy(dataset.y_train)
     x_test = dataset.encoding.normalize(dataset.x_test)
@@ -114,7 +149,7 @@ def train(dataset: Dataset, options: TrainOptions) -> TrainResult:
             idx = perm[i : i + options.batch_size]
             if len(idx) < 2:
                 continue
-            xb = _augment(x_train[idx], gen)
+            xb = _augment(x_train[idx], gen, flip)
             loss = F.cross_entropy(model(xb), y_train[idx])
             optimizer.zero_grad(set_to_none=True)
             torch.autograd.backward(loss)

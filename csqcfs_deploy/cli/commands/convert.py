@@ -1,4 +1,9 @@
-"""``csqcfs-deploy convert``: fold and quantize a network into an IF graph file."""
+"""``csqcfs-deploy convert``: fold and quantize a network into an IF graph file.
+
+The fold check (the float IF graph against the model on calibration samples) is
+printed first; ``--json`` has it under ``fold_check`` and its argmax agreement as
+``check.folded_matches_model``.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from torch import nn
 
 from csqcfs_deploy.cli.commands.common import (
     add_dataset_args,
+    add_fold_check_args,
     add_json_arg,
     add_model_args,
     console,
@@ -21,6 +27,8 @@ from csqcfs_deploy.cli.commands.common import (
     resolve_model,
     table,
 )
+from csqcfs_deploy.cli.dataset_args import DatasetMismatch
+from csqcfs_deploy.convert.check import FoldCheck
 from csqcfs_deploy.convert.quantize import QuantReport
 from csqcfs_deploy.errors import DatasetError, UsageError
 from csqcfs_deploy.ir import IFGraph, InputEncoding, save_graph
@@ -34,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                        "the float-vs-quantized agreement on the test split.")
     add_model_args(p)
     add_dataset_args(p)
+    add_fold_check_args(p)
     p.add_argument("-o", "--output", required=True, help="IF graph file to write (.ifg)")
     p.add_argument("--no-check", action="store_true",
                    help="skip measuring float-vs-quantized agreement on the test split")
@@ -50,7 +59,8 @@ class Agreement:
     float_accuracy: float
     quantized_accuracy: float
     agreement: float                 # quantized ANN == folded float graph
-    folded_matches_model: float      # folded float graph == the network itself
+    folded_matches_model: float      # folded float graph == the network itself (the fold
+                                     # check's figure, on the calibration samples)
 
     def to_json(self) -> dict[str, object]:
         return {"samples": self.samples, "float_accuracy": self.float_accuracy,
@@ -61,23 +71,29 @@ class Agreement:
 @dataclass(frozen=True)
 class ConvertSummary:
     """What ``convert --json`` prints: the quantization report, the file written, the
-    folding passes applied (pass -> count) and the agreement check (or why not)."""
+    folding passes applied (pass -> count), the agreement check (or why not) and the
+    fold check (None with --no-fold-check)."""
 
     report: QuantReport
     output: str
     passes: dict[str, int]
     check: Agreement | str | None
+    fold_check: FoldCheck | None = None
 
     def to_json(self) -> dict[str, object]:
         check = self.check.to_json() if isinstance(self.check, Agreement) else self.check
         return {**self.report.to_json(), "output": self.output, "passes": self.passes,
-                "check": check}
+                "check": check,
+                "fold_check": None if self.fold_check is None else self.fold_check.to_json()}
 
 
 def agreement(model: nn.Module, encoding: InputEncoding, float_graph: IFGraph,
-              graph: IFGraph, raw: NDArray[Any], labels: NDArray[np.integer[Any]]
-              ) -> Agreement:
-    """Float ANN vs quantized ANN (integer, ANN mode) on raw samples (N, *input_shape)."""
+              graph: IFGraph, raw: NDArray[Any], labels: NDArray[np.integer[Any]],
+              fold_check: FoldCheck | None = None) -> Agreement:
+    """Float ANN vs quantized ANN (integer, ANN mode) on raw samples (N, *input_shape).
+
+    ``folded_matches_model`` is the fold check's (calibration samples) where there is
+    one, else measured on these samples."""
     f_pred = ann_forward(float_graph, input_units(float_graph, raw)).predictions
     q_pred = ann_forward(graph, input_units(graph, raw)).predictions
     with torch.no_grad():
@@ -88,7 +104,8 @@ def agreement(model: nn.Module, encoding: InputEncoding, float_graph: IFGraph,
         float_accuracy=float((m_pred == labels).mean()),
         quantized_accuracy=float((q_pred == labels).mean()),
         agreement=float((q_pred == f_pred).mean()),
-        folded_matches_model=float((f_pred == m_pred).mean()),
+        folded_matches_model=(fold_check.matches_model if fold_check is not None
+                              else float((f_pred == m_pred).mean())),
     )
 
 
@@ -104,13 +121,18 @@ def run(args: argparse.Namespace) -> int:
             if ds.input_shape != loaded.graph.input.shape:
                 raise DatasetError(f"dataset {ds.name} has shape {ds.input_shape}")
             check = agreement(model, config.encoding, fold.graph, loaded.graph, ds.x_test,
-                              ds.y_test)
+                              ds.y_test, loaded.fold_check)
+        except DatasetMismatch:
+            raise  # data that does not fit the model is an error, not a skipped check
         except DatasetError as exc:
             check = f"not measured: {exc}"
     save_graph(loaded.graph, args.output)
     if args.json:
-        print_json(ConvertSummary(report, args.output, fold.log.counts(), check).to_json())
+        print_json(ConvertSummary(report, args.output, fold.log.counts(), check,
+                                  loaded.fold_check).to_json())
         return 0
+    if loaded.fold_check is not None:
+        console().print(loaded.fold_check.summary())
     print_conversion(report, fold.log.counts(), check)
     console().print(f"wrote {args.output}")
     return 0

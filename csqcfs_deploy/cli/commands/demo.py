@@ -15,7 +15,7 @@ from pathlib import Path
 from csqcfs_deploy.cli.commands.common import add_json_arg, console, print_json, table
 from csqcfs_deploy.cli.commands.report import make_report, plot_report, print_tables
 from csqcfs_deploy.cli.commands.verify import print_result
-from csqcfs_deploy.cli.model_io import graph_from_network
+from csqcfs_deploy.cli.model_io import FoldCheckOptions, calibration_from, graph_from_network
 from csqcfs_deploy.errors import GraphError, UsageError
 from csqcfs_deploy.files import write_text_atomic
 from csqcfs_deploy.ir import save_graph
@@ -112,8 +112,11 @@ def run(args: argparse.Namespace) -> int:
     say(f"      test accuracy {100 * trained.test_accuracy:.2f} % in {trained.seconds:.1f} s")
 
     say("[2/6] fold and quantize to the loihi2 profile")
+    calibration = FoldCheckOptions(lambda config: calibration_from(ds))
     loaded = graph_from_network(trained.model, trained.config, "loihi2", None,
-                                out / "digits-cnn.pt", "checkpoint")
+                                out / "digits-cnn.pt", "checkpoint", calibration)
+    if loaded.fold_check is not None:
+        say(f"      {loaded.fold_check.summary()}")
     graph, float_graph = loaded.graph, loaded.float_graph
     if float_graph is None:
         raise GraphError("the demo's network was not folded")
@@ -128,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
 
     files.append(write_nir_graph(graph, out / "digits-cnn.nir", "native"))
     per_layer = graph_from_network(trained.model, trained.config, "loihi2", False, None,
-                                   "checkpoint").graph
+                                   "checkpoint", calibration).graph
     files.append(write_nir_graph(per_layer, out / "digits-cnn-portable.nir", "portable"))
 
     cfg_t, cfg_p = args.timesteps, args.presim

@@ -20,11 +20,14 @@ import numpy as np
 
 from csqcfs_deploy.cli.commands.common import (
     add_dataset_args,
+    add_fold_check_args,
     add_json_arg,
     add_model_args,
+    console,
     print_json,
     resolve_model,
 )
+from csqcfs_deploy.cli.commands.run import fold_check_json
 from csqcfs_deploy.errors import BackendUnavailable, UsageError
 from csqcfs_deploy.ir import IFGraph
 
@@ -74,6 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                        f"IF graph .ifg or a .nir file) to a target format. Targets: {targets}.")
     add_model_args(p)
     add_dataset_args(p)
+    add_fold_check_args(p)
     p.add_argument("--target", choices=sorted(TARGETS), default="nir",
                    help="output format (default nir)")
     p.add_argument("--flavor", default=None,
@@ -116,7 +120,10 @@ def run(args: argparse.Namespace) -> int:
         data.setdefault("target", target.name)
         data.setdefault("output", str(out))
         data["model"] = str(args.model) if args.model else args.user_model
+        data["fold_check"] = fold_check_json(loaded.fold_check)
         print_json(data)
     else:
+        if loaded.fold_check is not None:
+            console().print(loaded.fold_check.summary())
         print(str(result))
     return 0

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from csqcfs_deploy.cli.commands.common import (
     add_dataset_args,
+    add_fold_check_args,
     add_model_args,
     as_schedule,
     console,
@@ -40,7 +41,7 @@ from csqcfs_deploy.cli.commands.common import (
     resolve_model,
     table,
 )
-from csqcfs_deploy.cli.commands.run import add_run_args, split
+from csqcfs_deploy.cli.commands.run import add_run_args, print_fold_check, split
 from csqcfs_deploy.errors import UsageError
 from csqcfs_deploy.files import write_atomic, write_text_atomic
 from csqcfs_deploy.ir import IFGraph
@@ -60,6 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                        "graph), the ANN's MACs, and energy under named constant sets.")
     add_model_args(p)
     add_dataset_args(p)
+    add_fold_check_args(p)
     add_run_args(p)
     p.add_argument("--schedule", choices=SCHEDULES, default="synchronous")
     p.add_argument("--energy", default="cmos45,loihi",
@@ -147,6 +149,8 @@ def build_report(args: argparse.Namespace) -> Report:
     energy_sets = resolve_energy(args.energy)
     loaded = resolve_model(args)
     raw, labels, ds_name = split(args, loaded)
+    if args.json != "-":  # tables on stdout: the fold check heads them
+        print_fold_check(loaded)
     cfg = RunConfig(timesteps=args.timesteps, presim=args.presim,
                     schedule=as_schedule(args.schedule))
     return make_report(loaded.graph, raw, labels, cfg, energy_sets,

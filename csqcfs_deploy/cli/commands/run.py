@@ -11,6 +11,7 @@ from numpy.typing import NDArray
 
 from csqcfs_deploy.cli.commands.common import (
     add_dataset_args,
+    add_fold_check_args,
     add_json_arg,
     add_model_args,
     as_schedule,
@@ -21,6 +22,7 @@ from csqcfs_deploy.cli.commands.common import (
     table,
 )
 from csqcfs_deploy.cli.model_io import LoadedModel
+from csqcfs_deploy.convert.check import FoldCheck
 from csqcfs_deploy.errors import UsageError
 from csqcfs_deploy.ir.schedule import SCHEDULES, RunConfig, recording_bytes
 from csqcfs_deploy.run.backends import BACKENDS, BackendOptions, default_schedule
@@ -43,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                        "lava, norse) and print accuracy, latency, firing rate and throughput.")
     add_model_args(p)
     add_dataset_args(p)
+    add_fold_check_args(p)
     p.add_argument("--backend", choices=sorted(BACKENDS), default="int")
     add_run_args(p)
     p.add_argument("--schedule", choices=SCHEDULES, default=None,
@@ -66,7 +69,8 @@ class RunReport:
     """What ``run`` reports: one back end's summary and where and how it ran.
 
     ``batch_size``: samples per batch actually run (``--batch-size``, at most all);
-    ``recording_bytes_per_batch``: bytes that recording every spike would take.
+    ``recording_bytes_per_batch``: bytes that recording every spike would take;
+    ``fold_check``: the folded graph against the model, when MODEL was a network.
     """
 
     summary: EvalSummary
@@ -74,12 +78,30 @@ class RunReport:
     profile: str | None
     batch_size: int
     recording_bytes_per_batch: int
+    fold_check: FoldCheck | None = None
 
     def to_json(self) -> dict[str, object]:
-        """The summary's JSON followed by dataset, profile, batch_size, recording bytes."""
+        """The summary's JSON followed by dataset, profile, batch_size, recording bytes
+        and the fold check (None when the model was not folded here)."""
         return {**self.summary.to_json(), "dataset": self.dataset, "profile": self.profile,
                 "batch_size": self.batch_size,
-                "recording_bytes_per_batch": self.recording_bytes_per_batch}
+                "recording_bytes_per_batch": self.recording_bytes_per_batch,
+                "fold_check": fold_check_json(self.fold_check)}
+
+
+def fold_check_json(check: FoldCheck | None) -> dict[str, object] | None:
+    """The fold check's headline figures for a command's JSON."""
+    if check is None:
+        return None
+    return {"matches_model": check.matches_model, "samples": check.samples,
+            "dtype": check.dtype, "source": check.source, "max_levels": check.max_levels,
+            "first_divergence": check.first_divergence}
+
+
+def print_fold_check(loaded: LoadedModel) -> None:
+    """The fold check's one line, when MODEL was a network folded here."""
+    if loaded.fold_check is not None:
+        console().print(loaded.fold_check.summary())
 
 
 def split(args: argparse.Namespace, loaded: LoadedModel) -> EvalSamples:
@@ -99,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     loaded = resolve_model(args)
     raw, labels, ds_name = split(args, loaded)
+    if not args.json:
+        print_fold_check(loaded)
     schedule = as_schedule(args.schedule or default_schedule(args.backend))
     cfg = RunConfig(timesteps=args.timesteps, presim=args.presim, schedule=schedule)
     summary = evaluate(args.backend, loaded.graph, raw, labels, cfg, args.batch_size,
@@ -106,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
                        progress=not args.json)
     batch = min(args.batch_size, summary.samples)
     report = RunReport(summary, ds_name, loaded.graph.meta.profile, batch,
-                       recording_bytes(loaded.graph, cfg, batch))
+                       recording_bytes(loaded.graph, cfg, batch), loaded.fold_check)
     if args.json:
         print_json(report.to_json())
         return 0

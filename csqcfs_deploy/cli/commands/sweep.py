@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from csqcfs_deploy.cli.commands.common import (
     add_dataset_args,
+    add_fold_check_args,
     add_json_arg,
     add_model_args,
     as_schedule,
@@ -29,8 +30,9 @@ from csqcfs_deploy.cli.commands.common import (
     resolve_model,
     table,
 )
-from csqcfs_deploy.cli.commands.run import split
+from csqcfs_deploy.cli.commands.run import fold_check_json, print_fold_check, split
 from csqcfs_deploy.cli.model_io import LoadedModel
+from csqcfs_deploy.convert.check import FoldCheck
 from csqcfs_deploy.errors import InputFileError, UsageError
 from csqcfs_deploy.files import write_atomic
 from csqcfs_deploy.ir.schedule import SCHEDULES, RunConfig
@@ -45,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                        "and the SNN, and plot accuracy against latency.")
     add_model_args(p)
     add_dataset_args(p)
+    add_fold_check_args(p)
     p.add_argument("--timesteps", "-T", default="1,2,4,8",
                    help="comma-separated counted steps (default 1,2,4,8)")
     p.add_argument("--presim", "-P", default="0",
@@ -146,7 +149,8 @@ class SweepReport:
     """Every (T, P) run of the integer simulator, and the ANN accuracies to compare with.
 
     ``rows``: one evaluation per configuration, P outer, T inner; ``plot``: the PNG
-    written, if any.
+    written, if any; ``fold_check``: the folded graph against the model (None when
+    MODEL is a bare graph).
     """
 
     model: str
@@ -157,6 +161,7 @@ class SweepReport:
     ann: AnnAccuracy
     rows: tuple[EvalSummary, ...]
     plot: str | None
+    fold_check: FoldCheck | None = None
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -169,6 +174,7 @@ class SweepReport:
                       "accuracy": r.accuracy, "firing_rate": r.firing_rate,
                       "seconds": round(r.seconds, 4)} for r in self.rows],
             "plot": self.plot,
+            "fold_check": fold_check_json(self.fold_check),
         }
 
 
@@ -186,6 +192,8 @@ def run(args: argparse.Namespace) -> int:
             raise InputFileError(f"output directory does not exist: {folder}")
     loaded = resolve_model(args)
     raw, labels, ds_name = split(args, loaded)
+    if not args.json:
+        print_fold_check(loaded)
     ann = ann_accuracies(loaded, raw, labels, args.batch_size)
     configs = [RunConfig(timesteps=t, presim=p, schedule=schedule)
                for p in presims for t in timesteps]
@@ -199,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plot is not None:
         plot_sweep(args.plot, rows, ann, title)
     report = SweepReport(model, ds_name, loaded.graph.meta.profile, schedule,
-                         int(len(labels)), ann, tuple(rows), args.plot)
+                         int(len(labels)), ann, tuple(rows), args.plot, loaded.fold_check)
     if args.json:
         print_json(report.to_json())
         return 0

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from csqcfs_deploy.cli.commands.common import (
     add_dataset_args,
+    add_fold_check_args,
     add_json_arg,
     add_model_args,
     console,
@@ -14,7 +15,13 @@ from csqcfs_deploy.cli.commands.common import (
     resolve_model,
     table,
 )
-from csqcfs_deploy.cli.commands.run import add_run_args, split
+from csqcfs_deploy.cli.commands.run import (
+    add_run_args,
+    fold_check_json,
+    print_fold_check,
+    split,
+)
+from csqcfs_deploy.convert.check import FoldCheck
 from csqcfs_deploy.errors import UsageError, VerificationFailed
 from csqcfs_deploy.run.backends import BACKENDS, BackendOptions
 from csqcfs_deploy.run.reference import input_units
@@ -29,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                        "everything agrees.")
     add_model_args(p)
     add_dataset_args(p)
+    add_fold_check_args(p)
     p.add_argument("--backends", default="int,lava,norse",
                    help="comma-separated back ends (default int,lava,norse)")
     add_run_args(p)
@@ -48,18 +56,21 @@ def parse_backends(text: str) -> list[str]:
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """What ``verify --json`` prints: the result and the inputs it was run on."""
+    """What ``verify --json`` prints: the result, the inputs it was run on and the fold
+    check (None when the model was not folded here)."""
 
     result: VerifyResult
     dataset: str
     samples: int
     timesteps: int
     presim: int
+    fold_check: FoldCheck | None = None
 
     def to_json(self) -> dict[str, object]:
-        """The result's JSON followed by dataset, samples, timesteps and presim."""
+        """The result's JSON followed by dataset, samples, timesteps, presim, fold check."""
         return {**self.result.to_json(), "dataset": self.dataset, "samples": self.samples,
-                "timesteps": self.timesteps, "presim": self.presim}
+                "timesteps": self.timesteps, "presim": self.presim,
+                "fold_check": fold_check_json(self.fold_check)}
 
 
 def describe_mismatch(m: Mismatch) -> str:
@@ -105,12 +116,15 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     loaded = resolve_model(args)
     raw, _, ds_name = split(args, loaded)
+    if not args.json:
+        print_fold_check(loaded)
     x = input_units(loaded.graph, raw)
     result = verify(loaded.graph, x, args.timesteps, args.presim, backends, args.batch_size,
                     BackendOptions(device=args.device, progress=False),
                     progress=not args.json)
     if args.json:
-        print_json(VerifyReport(result, ds_name, len(x), args.timesteps, args.presim).to_json())
+        print_json(VerifyReport(result, ds_name, len(x), args.timesteps, args.presim,
+                                loaded.fold_check).to_json())
     else:
         print_result(result)
     return 0 if result.identical else VerificationFailed.exit_code
