@@ -71,7 +71,8 @@ def main() -> None:
     args = p.parse_args()
     ds = load_dataset(args.dataset)
     c, h, _ = ds.input_shape
-    print(f"# {time.strftime('%Y-%m-%d')} {platform.node()} {platform.processor() or platform.machine()}"
+    cpu = platform.processor() or platform.machine()
+    print(f"# {time.strftime('%Y-%m-%d')} {platform.node()} {cpu}"
           f" torch {torch.__version__} numpy {np.__version__}; dataset {args.dataset}, "
           f"{args.epochs} epochs, seed {args.seed}")
     print("| layout | convention | torch test acc | profile | fold/model | float acc | "

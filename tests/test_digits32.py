@@ -159,7 +159,7 @@ def test_sweep_shows_trained_resnet20_accuracy(tmp_path: Path,
     """``train --dataset digits32 --arch resnet20`` learns; ``sweep`` shows it per T."""
     ckpt = tmp_path / "r20.pt"
     code, out, err = run_cli(["train", "--dataset", "digits32", "--arch", "resnet20",
-                              "--levels", "8", "--epochs", "8", "--json", "-o", str(ckpt)],
+                              "--levels", "8", "--epochs", "6", "--json", "-o", str(ckpt)],
                              capsys)
     assert code == 0, err
     trained = json.loads(out)

@@ -7,7 +7,6 @@ augmentation on 8x8 inputs (random crop with padding 4 and horizontal flips on
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -30,9 +29,9 @@ UNMIRRORED = frozenset({"digits", "digits32"})
 
 @dataclass(frozen=True)
 class TrainOptions:
-    """Training options. ``init_threshold``: the initial lambda (None: see
-    :func:`initial_threshold`); ``flip``: mirror inputs in augmentation (None: see
-    :func:`mirrors`)."""
+    """Training options. ``init_threshold``: the initial lambda of every activation
+    (None: the architecture's default); ``flip``: mirror inputs in augmentation (None:
+    see :func:`mirrors`)."""
 
     arch: str = "digits-cnn"
     levels: int = 1
@@ -81,22 +80,6 @@ def mirrors(dataset: Dataset) -> bool:
     return dataset.input_shape[-1] > 8 and dataset.name not in UNMIRRORED
 
 
-def initial_threshold(options: TrainOptions) -> float:
-    """The initial threshold lambda of every activation.
-
-    ``options.init_threshold`` when given; else the architecture's default, but at
-    most ``L`` (one unit of the BatchNorm-normalised pre-activation per level). The
-    CIFAR layouts default to 8.0, made for L = 8: at L = 1 their first step,
-    ``lambda / 2``, would lie at 4 standard deviations and almost no unit would fire.
-    """
-    if options.init_threshold is not None:
-        if not options.init_threshold > 0:
-            raise UsageError(f"the initial threshold must be > 0, got {options.init_threshold}")
-        return float(options.init_threshold)
-    default = inspect.signature(arch_spec(options.arch).build).parameters["init_threshold"]
-    return min(float(default.default), float(options.levels))
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, x: npt.NDArray[Any], y: npt.NDArray[Any],
              batch_size: int = 256) -> float:
@@ -122,7 +105,7 @@ def train(dataset: Dataset, options: TrainOptions) -> TrainResult:
     np.random.seed(options.seed)
     gen = torch.Generator().manual_seed(options.seed)
     model = build_model(options.arch, options.levels, options.phi, dataset.classes,
-                        init_threshold=initial_threshold(options))
+                        init_threshold=options.init_threshold)
     x_train = torch.from_numpy(dataset.encoding.normalize(dataset.x_train))
     y_train = torch.from_numpy(dataset.y_train)
     x_test = dataset.encoding.normalize(dataset.x_test)
