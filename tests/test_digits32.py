@@ -107,7 +107,8 @@ def test_render_places_a_coloured_glyph_inside_the_canvas() -> None:
         assert changed.sum() == digits32.GLYPH ** 2
     bg = x0[:, :, :4, :4].mean(axis=(2, 3))
     fg = x1[:, :, 14:18, 14:18].mean(axis=(2, 3))  # the centre lies in every placement
-    assert np.all(np.abs(fg - bg).mean(axis=1) > digits32.MIN_CONTRAST - 3 * digits32.NOISE_STD)
+    # light ink on a darker background, in every channel
+    assert np.all(fg - bg > digits32.MIN_CONTRAST - 3 * digits32.NOISE_STD)
     with pytest.raises(DatasetError, match="8x8"):
         render(np.zeros((2, 16, 16)), np.random.default_rng(0))
 
@@ -156,20 +157,24 @@ def test_sweep_shows_resnet20_accuracy_per_t_fast(d32: Dataset, tmp_path: Path,
 @pytest.mark.slow
 def test_sweep_shows_trained_resnet20_accuracy(tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    """``train --dataset digits32 --arch resnet20`` learns; ``sweep`` shows it per T."""
+    """``train --dataset digits32 --arch resnet20`` learns in a few epochs; ``sweep`` shows
+    its accuracy per T, well above chance (0.1), and the SNN approaching the quantized ANN.
+
+    About 1.5 min on 2 idle cores (6 epochs of 1437 samples, then 2 x 100 SNN runs)."""
     ckpt = tmp_path / "r20.pt"
     code, out, err = run_cli(["train", "--dataset", "digits32", "--arch", "resnet20",
                               "--levels", "8", "--epochs", "6", "--json", "-o", str(ckpt)],
                              capsys)
     assert code == 0, err
     trained = json.loads(out)
-    assert trained["dataset"] == "digits32" and trained["test_accuracy"] > 0.7
-    code, out, err = run_cli(["sweep", str(ckpt), "--timesteps", "8,32", "--samples", "100",
-                              "--json"], capsys)
+    assert trained["dataset"] == "digits32" and trained["test_accuracy"] > 0.85
+    code, out, err = run_cli(["sweep", str(ckpt), "--profile", "int16", "--timesteps", "8,32",
+                              "--samples", "100", "--json"], capsys)
     assert code == 0, err
     data = json.loads(out)
-    assert data["dataset"] == "digits32" and data["levels"] == 8
-    assert data["float_ann_accuracy"] > 0.7 and data["quantized_ann_accuracy"] > 0.7
+    assert data["dataset"] == "digits32" and data["levels"] == 8 and data["samples"] == 100
+    assert data["float_ann_accuracy"] > 0.85 and data["quantized_ann_accuracy"] > 0.85
     acc = {r["timesteps"]: r["accuracy"] for r in data["rows"]}
     assert set(acc) == {8, 32}
-    assert acc[32] > 0.6 and acc[32] >= acc[8] - 0.05  # well above chance (0.1)
+    assert acc[8] > 0.3 and acc[32] > 0.75 and acc[32] > acc[8]
+    assert acc[32] >= data["quantized_ann_accuracy"] - 0.15

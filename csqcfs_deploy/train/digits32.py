@@ -9,17 +9,24 @@ from scikit-learn's ``load_digits`` at load time, deterministically:
   training and 360 test digits);
 * every 8x8 digit (0..16) is upsampled bilinearly to 24x24 and placed at a
   random offset (0..8 pixels in each direction) inside a 32x32 canvas;
-* each sample gets its own random background and foreground RGB colour
-  (at least ``MIN_CONTRAST`` apart on average over the channels), the digit's
-  intensity blends between them, and mild Gaussian noise is added;
+* each sample gets its own random background and foreground RGB colour, light
+  ink on a darker background (every channel of the foreground at least
+  ``MIN_CONTRAST`` above the background's; with random polarity networks
+  learned markedly slower), the digit's intensity blends between them, and
+  mild Gaussian noise (std ``NOISE_STD``) is added;
 * pixel values are integers 0..255 (the uint8 range, as in CIFAR), stored as
   float32 like every :class:`~csqcfs_deploy.train.datasets.Dataset`.
 
 The normalisation (per-channel mean and std of ``raw / 255``) is computed from
 the training split at load time, rounded to four decimals; with the default
-seed it is about 0.50 / 0.27 per channel. ``renderings`` > 1 draws several
+seed it is about 0.45 / 0.24 per channel. ``renderings`` > 1 draws several
 independent renderings (offset, colours, noise) of every training digit; the
 registered data set uses one, so both splits keep the digits' sizes.
+
+Digits are not mirror-invariant: training does not flip digits32
+(:data:`csqcfs_deploy.train.training.UNMIRRORED`). resnet20 at ``--levels 8``
+with the default options reached 79 / 95 / 98 % test accuracy after 4 / 6 / 8
+epochs (seed 0); one epoch is about 11 s on 2 cores.
 """
 
 from __future__ import annotations
