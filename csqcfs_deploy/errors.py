@@ -71,6 +71,13 @@ class DatasetError(CsqcfsError):
     exit_code = 7
 
 
+class FidelityGateFailed(CsqcfsError):
+    """The deployed network does not agree with the float IF graph (``--min-agreement``)
+    or with the user's model (``--min-source-agreement``) as often as asked."""
+
+    exit_code = 9
+
+
 class UsageError(CsqcfsError):
     """Command-line arguments that contradict each other or are out of range."""
 

@@ -27,11 +27,13 @@ from torch import nn
 
 from csqcfs_deploy.convert.check import DEFAULT_SAMPLES, FoldCheck, check_fold
 from csqcfs_deploy.convert.fold import FoldResult, fold
-from csqcfs_deploy.convert.quantize import QuantReport, check_profile, quantize
+from csqcfs_deploy.convert.quantize import QuantReport, ScaleOptions, check_profile, quantize
 from csqcfs_deploy.errors import DatasetError, FoldMismatch, InputFileError, UsageError
 from csqcfs_deploy.files import require_file
 from csqcfs_deploy.ir import IFGraph, InputEncoding, load_graph
+from csqcfs_deploy.ir.nodes import CalibrationRecord
 from csqcfs_deploy.ir.profiles import get_profile
+from csqcfs_deploy.run.calibration import Calibrated, CalibrationPlan, calibrated_quantize
 from csqcfs_deploy.train.checkpoint import ModelConfig, load_checkpoint, load_user_model
 from csqcfs_deploy.train.datasets import Dataset, load_dataset
 
@@ -51,6 +53,7 @@ class LoadedModel:
     fold: FoldResult | None = None
     report: QuantReport | None = None
     fold_check: FoldCheck | None = None    # None: not folded here, or --no-fold-check
+    calibration: Calibrated | None = None  # None: not folded here, or --scales weights
 
     @property
     def float_graph(self) -> IFGraph | None:
@@ -123,13 +126,10 @@ def _dataset_calibration(opts: FoldCheckOptions) -> CalibrationSource:
     return inputs
 
 
-def run_fold_check(model: nn.Module, folded: FoldResult, config: ModelConfig,
-                   opts: FoldCheckOptions) -> FoldCheck | None:
-    """The fold check on the calibration samples (None, with a warning, when disabled)."""
-    if not opts.enabled:
-        warn("--no-fold-check: the folded graph is NOT checked against the model; a "
-             "misconverted network (an activation read wrongly) goes unnoticed")
-        return None
+def calibration_samples(config: ModelConfig, opts: FoldCheckOptions) -> Calibration:
+    """The calibration samples (the fold check's and the scales'): ``opts.inputs`` or
+    the config's training split; random pixels, with a warning, when there is no data
+    and ``random_fallback`` allows it."""
     source = opts.inputs or _dataset_calibration(opts)
     try:
         cal = source(config)
@@ -137,14 +137,26 @@ def run_fold_check(model: nn.Module, folded: FoldResult, config: ModelConfig,
         if not opts.random_fallback:
             raise
         reason = str(exc).strip().splitlines()[0][:100] if str(exc).strip() else "none"
-        warn(f"no calibration data ({reason}); the fold check runs on random inputs")
+        warn(f"no calibration data ({reason}); the fold check and the calibrated scales use "
+             "random inputs")
         cal = random_calibration(config, opts.samples, reason)
     shape = tuple(int(d) for d in cal.raw.shape[1:])
     if shape != tuple(config.input_shape):
         raise UsageError(f"the calibration data ({cal.source}) has inputs of shape {shape}, "
                          f"the model takes {tuple(config.input_shape)}; pick the dataset "
                          "with --dataset or --data")
-    x = config.encoding.normalize(cal.raw[: opts.samples])
+    return Calibration(cal.raw[: opts.samples], cal.source)
+
+
+def run_fold_check(model: nn.Module, folded: FoldResult, config: ModelConfig,
+                   opts: FoldCheckOptions, cal: Calibration | None = None) -> FoldCheck | None:
+    """The fold check on the calibration samples (None, with a warning, when disabled)."""
+    if not opts.enabled:
+        warn("--no-fold-check: the folded graph is NOT checked against the model; a "
+             "misconverted network (an activation read wrongly) goes unnoticed")
+        return None
+    cal = cal or calibration_samples(config, opts)
+    x = config.encoding.normalize(cal.raw)
     try:
         return check_fold(model, folded, x, source=cal.source)
     except FoldMismatch as exc:
@@ -171,14 +183,30 @@ def file_kind(path: Path) -> str:
 
 def graph_from_network(model: nn.Module, config: ModelConfig, profile: str,
                        per_channel: bool | None, source: Path | None, kind: str,
-                       check: FoldCheckOptions | None = None) -> LoadedModel:
+                       check: FoldCheckOptions | None = None,
+                       plan: CalibrationPlan | None = None) -> LoadedModel:
     """Fold ``model``, check the fold against it (``check``; default: on the config's
-    dataset) and quantize it to ``profile``."""
+    dataset) and quantize it to ``profile`` with scales calibrated on the same samples
+    for ``plan`` (default: T = 1, P = 0; ``plan.enabled`` False: weight-only scales)."""
+    opts = check or FoldCheckOptions()
+    plan = plan or CalibrationPlan()
     folded = fold(model, config.input_shape, config.encoding, arch=config.arch,
                   num_classes=config.num_classes)
-    fold_check = run_fold_check(model, folded, config, check or FoldCheckOptions())
-    graph, report = quantize(folded.graph, get_profile(profile), per_channel=per_channel)
-    return LoadedModel(graph, source, kind, model, config, folded, report, fold_check)
+    cal = calibration_samples(config, opts) if (opts.enabled or plan.enabled) else None
+    fold_check = run_fold_check(model, folded, config, opts, cal)
+    prof = get_profile(profile)
+    calibrated = None
+    if plan.enabled and cal is not None:
+        graph, report, calibrated = calibrated_quantize(folded.graph, prof, per_channel,
+                                                        cal.raw, cal.source, plan)
+        graph = graph.replace(meta=replace(graph.meta, calibration=CalibrationRecord(
+            plan.timesteps, plan.presim, calibrated.ranges.samples, cal.source,
+            calibrated.fidelity)))
+    else:
+        graph, report = quantize(folded.graph, prof, per_channel=per_channel,
+                                 options=ScaleOptions(netx=plan.netx))
+    return LoadedModel(graph, source, kind, model, config, folded, report, fold_check,
+                       calibrated)
 
 
 def load_model(path: str | Path | None, profile: str | None = None,
@@ -188,12 +216,14 @@ def load_model(path: str | Path | None, profile: str | None = None,
                encoding: InputEncoding | None = None,
                model_args: str | None = None,
                encoding_override: Callable[[InputEncoding], InputEncoding] | None = None,
-               check: FoldCheckOptions | None = None) -> LoadedModel:
+               check: FoldCheckOptions | None = None,
+               plan: CalibrationPlan | None = None) -> LoadedModel:
     """Resolve MODEL (or ``--model/--weights``) into an integer IF graph.
 
     ``encoding_override`` maps a checkpoint's recorded encoding to the one to
     fold with (``--mean/--std``...); ``encoding`` is the one for ``--model``.
-    ``check``: how a network is checked after folding (:class:`FoldCheckOptions`).
+    ``check``: how a network is checked after folding (:class:`FoldCheckOptions`);
+    ``plan``: what its scales are calibrated for (:class:`CalibrationPlan`).
     """
     if model_args is not None and user_model is None:
         raise UsageError("--model-args needs --model MODULE:FACTORY")
@@ -206,7 +236,7 @@ def load_model(path: str | Path | None, profile: str | None = None,
         config = ModelConfig(arch=user_model, levels=0, phi=0.5, num_classes=0,
                              input_shape=input_shape, encoding=encoding, dataset=dataset)
         return graph_from_network(model, config, profile or "loihi2", per_channel, None,
-                                  "module", check)
+                                  "module", check, plan)
     if path is None:
         raise UsageError("MODEL is required (a checkpoint, .ifg or .nir file)")
     p = require_file(path, "model file")
@@ -225,7 +255,8 @@ def load_model(path: str | Path | None, profile: str | None = None,
     model, config = load_checkpoint(p)
     if encoding_override is not None:
         config = replace(config, encoding=encoding_override(config.encoding))
-    return graph_from_network(model, config, profile or "loihi2", per_channel, p, kind, check)
+    return graph_from_network(model, config, profile or "loihi2", per_channel, p, kind, check,
+                              plan)
 
 
 def _check_profile_arg(graph: IFGraph, profile: str | None, path: Path) -> None:

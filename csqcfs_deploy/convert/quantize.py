@@ -16,17 +16,36 @@ The readout takes one ``K`` for all classes (argmax must not change) and
 ``scale = 1 / (K << act_shift)``. A value that cannot fit raises a
 :class:`QuantizationError` naming the layer, the value and the limit; a
 threshold lowered so that a bias fits is reported as a rescale.
+
+**Calibrated scales** (SPEC 4b). With the :class:`~.calibrate.Ranges` the float
+SNN reached on calibration data (per channel: ``a_c`` the largest one-step
+synaptic input, ``v_c`` the largest membrane, readout: the largest ``|r|``),
+two more limits hold ``K_c`` below what the profile can carry on that data,
+with headroom ``margin`` (default 2)::
+
+    K_c <= current_max / (a_c * margin)          # current_max = (2**23 - 1) >> 6: no wrap
+    K_c <= (voltage_max >> act_shift) / (v_c * margin)   # no saturation (readout: over P+T)
+
+The first layer's ``K`` multiplies the input scale (its synapses act on
+integer pixels), so the first limit is also the input scale that keeps its
+current from wrapping. Per-layer factors (:class:`ScaleOptions`) move a layer's
+``K`` (what the measured check of :mod:`csqcfs_deploy.run.calibration` and
+``--optimize`` use).
+Without ranges the scales come from the weights alone (``--scales weights``, the
+uncalibrated choice). Each :class:`LayerReport` names the limit that set ``K``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from csqcfs_deploy.errors import GraphError, QuantizationError
+from csqcfs_deploy.convert.calibrate import Ranges
+from csqcfs_deploy.errors import GraphError, QuantizationError, UsageError
 from csqcfs_deploy.ir import (
     IFGraph,
     IFLayer,
@@ -38,6 +57,9 @@ from csqcfs_deploy.ir import (
 from csqcfs_deploy.ir.kinds import kind_name, max_abs_output
 from csqcfs_deploy.ir.nodes import Array
 from csqcfs_deploy.ir.profiles import Profile, get_profile
+
+#: Headroom of calibrated scales over the ranges seen on the calibration data.
+DEFAULT_MARGIN = 2.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +77,9 @@ class LayerReport:
     quant_error: float      # ||W_int / K - W|| / ||W|| over incoming synapses
     max_step_input: int     # bound on |current| in one step (membrane units)
     notes: tuple[str, ...] = ()
+    bound: str = ""         # the limit that set the threshold scale (see _k_limits)
+    observed_step_input: int | None = None  # calibrated: the data's largest one-step input
+                                            # (membrane units), None when not calibrated
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -63,18 +88,27 @@ class LayerReport:
             "threshold_min": self.threshold_min, "threshold_max": self.threshold_max,
             "scale": self.scale, "quant_error": self.quant_error,
             "max_step_input": self.max_step_input, "notes": list(self.notes),
+            "bound": self.bound, "observed_step_input": self.observed_step_input,
         }
 
 
 @dataclass(frozen=True)
 class QuantReport:
+    """Every layer's row, the warnings, and how the scales were chosen: ``scales``
+    "calibrated" (with ``ranges``) or "weights"."""
+
     profile: str
     per_channel: bool
     layers: tuple[LayerReport, ...]
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    scales: str = "weights"
+    margin: float = DEFAULT_MARGIN
+    ranges: Ranges | None = None
 
     def to_json(self) -> dict[str, object]:
         return {"profile": self.profile, "per_channel_thresholds": self.per_channel,
+                "scales": self.scales, "margin": self.margin,
+                "calibration": None if self.ranges is None else self.ranges.to_json(),
                 "layers": [la.to_json() for la in self.layers], "warnings": list(self.warnings)}
 
 
@@ -105,15 +139,143 @@ def _neuron_group(graph: IFGraph, name: str) -> IFLayer | ReadoutLayer:
     return layer
 
 
-def quantize(graph: IFGraph, profile: Profile | str, per_channel: bool | None = None
-             ) -> tuple[IFGraph, QuantReport]:
-    """Quantize a float IF graph; returns the integer graph and the per-layer report."""
+@dataclass(frozen=True)
+class ScaleOptions:
+    """How :func:`quantize` chooses each layer's threshold scale ``K``.
+
+    ``ranges``: what the float SNN reached on calibration data (None: from the
+    weights alone); ``margin``: headroom over those ranges (>= 1); ``factors``:
+    per layer, a factor ``f`` in (0, margin]: ``K = min(K_hw, K_cal) * f`` for
+    ``f <= 1``, else ``min(K_hw, K_cal * f)`` (``K_hw``: the weight, threshold and bias
+    limits, never exceeded; ``K_cal``: the calibrated ones); ``netx``: also
+    fit lava-dl netx's form (one threshold per layer with 13-bit bias mantissas
+    around it, readout bias ``floor(b / 64)`` in 13 bits).
+    """
+
+    ranges: Ranges | None = None
+    margin: float = DEFAULT_MARGIN
+    factors: tuple[tuple[str, float], ...] = ()
+    netx: bool = False
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.margin) and self.margin >= 1.0):
+            raise UsageError(f"the calibration margin must be a number >= 1, got {self.margin}")
+        for name, f in self.factors:
+            if not 0 < f <= self.margin:
+                raise UsageError(f"scale factor for {name} must be in (0, {self.margin:g}], "
+                                 f"got {f}")
+
+    def factor(self, layer: str) -> float:
+        """The product of ``layer``'s factors (1.0 when it has none)."""
+        return float(np.prod([f for n, f in self.factors if n == layer]))
+
+    def scaled(self, layers: Iterable[str], factor: float) -> ScaleOptions:
+        """These options with ``layers``' factors multiplied by ``factor``."""
+        return dataclasses.replace(self, factors=self.factors
+                                   + tuple((n, factor) for n in layers))
+
+    def with_factor(self, layer: str, factor: float) -> ScaleOptions:
+        """These options with ``layer``'s factor set to ``factor``."""
+        kept = tuple((n, f) for n, f in self.factors if n != layer)
+        return dataclasses.replace(self, factors=kept + ((layer, factor),))
+
+
+#: The limits of :func:`_k_limits` that come from the calibration data.
+CALIBRATED = ("current", "voltage")
+#: netx's bias mantissa range (13-bit signed, lava-dl 0.6 CUBA blocks), kept 2 short
+#: of the limit for the rounding of the per-channel cut.
+NETX_BIAS_SPAN = 2 * 4095 - 2
+
+
+def _refuse(name: str, ch: int, limits: dict[str, Array], bias: Array,
+            projs: tuple[ProjectionT, ...], real_w: dict[str, Array], prof: Profile,
+            opts: ScaleOptions) -> None:
+    """Raise the QuantizationError for a layer whose ``K`` fell below 1 in channel ``ch``:
+    which quantity, its value and the profile's limit."""
+    which = min(limits, key=lambda key: float(limits[key][ch]))
+    r = opts.ranges.layers.get(name) if opts.ranges is not None else None
+    if which == "bias":
+        raise QuantizationError(
+            f"layer {name}: bias {bias[ch]:.4g} (x threshold) in channel {ch} exceeds "
+            f"profile {prof.name}'s bias limit {prof.bias_max} even at threshold 1")
+    if which == "current" and r is not None and opts.ranges is not None:
+        cur = ((1 << (prof.current_bits or 1) - 1) - 1) >> prof.act_shift
+        raise QuantizationError(
+            f"layer {name}: one step's synaptic input reaches {r.step_input[ch]:.4g} "
+            f"thresholds in channel {ch} on the calibration data ({opts.ranges.source}); "
+            f"profile {prof.name}'s {prof.current_bits}-bit current holds {cur} synaptic "
+            f"units per step, so with margin {opts.margin:g} even threshold 1 would wrap")
+    if which == "voltage" and r is not None and opts.ranges is not None:
+        raise QuantizationError(
+            f"layer {name}: the membrane reaches {r.v_max[ch]:.4g} thresholds in channel "
+            f"{ch} over P + T = {opts.ranges.presim + opts.ranges.timesteps} steps on the "
+            f"calibration data; profile {prof.name}'s {prof.voltage_bits}-bit voltage "
+            f"saturates even at threshold 1 (margin {opts.margin:g}); use fewer steps")
+    if which == "netx bias":
+        raise QuantizationError(f"readout {name}: bias {bias[ch]:.4g} in channel {ch} does not "
+                                "fit netx's 13-bit readout bias mantissa even at threshold 1")
+    if which not in ("weights", "threshold range"):
+        raise QuantizationError(f"layer {name}: no threshold scale >= 1 fits ({which})")
+    worst = max(projs, key=lambda p: float(_row_max(real_w[p.name])[ch]))
+    w = float(_row_max(real_w[worst.name])[ch])
+    raise QuantizationError(
+        f"layer {name}: weight {w:.4g} (in threshold units) of {worst.name} in channel "
+        f"{ch} needs more than the {prof.weight_bits}-bit weights of profile "
+        f"{prof.name} allow (limit {prof.weight_max} at threshold 1)")
+
+
+def _k_limits(layer: IFLayer | ReadoutLayer, row_max: Array, prof: Profile,
+              opts: ScaleOptions) -> dict[str, Array]:
+    """Per channel (C,), the largest threshold mantissa ``K`` each limit allows."""
+    unit = prof.threshold_unit
+    bias = np.asarray(layer.bias, dtype=np.float64)
+    c = layer.channels
+    inf = np.full(c, np.inf)
+    with np.errstate(divide="ignore"):
+        limits = {
+            "weights": np.where(row_max > 0, prof.weight_max / row_max, np.inf),
+            "threshold range": np.full(c, float(prof.threshold_mant_max)),
+            "bias": np.where(np.abs(bias) > 0, prof.bias_max / (np.abs(bias) * unit), np.inf),
+        }
+        r = opts.ranges.layers.get(layer.name) if opts.ranges is not None else None
+        if r is not None:
+            m = opts.margin
+            if prof.current_bits is not None:
+                cur = float(((1 << (prof.current_bits - 1)) - 1) >> prof.act_shift)
+                limits["current"] = np.where(r.step_input > 0, cur / (r.step_input * m), inf)
+            vmax = float(prof.voltage_max >> prof.act_shift)
+            limits["voltage"] = np.where(r.v_max > 0, vmax / (r.v_max * m), inf)
+        if opts.netx and isinstance(layer, ReadoutLayer):
+            limits["netx bias"] = np.where(np.abs(bias) > 0, 4095 / (np.abs(bias) * unit), inf)
+    return limits
+
+
+def _netx_fit(k: Array, layer: IFLayer, phi: float) -> Array:
+    """Scale ``k`` (C,) down so the netx cut ``G_c ~ K_c (1 - phi - b_c)`` spans at most
+    :data:`NETX_BIAS_SPAN` (one netx threshold per layer, 13-bit bias mantissas)."""
+    g = 1.0 - phi - np.asarray(layer.bias, dtype=np.float64)
+    cut = k * g
+    span = float(cut.max() - cut.min())
+    s = 1.0 if span <= NETX_BIAS_SPAN else NETX_BIAS_SPAN / span
+    if cut.max() * s < -4090:
+        s = min(s, 4090 / float(-cut.max()))
+    out: Array = np.floor(k * s)
+    return out
+
+
+def quantize(graph: IFGraph, profile: Profile | str, per_channel: bool | None = None,
+             options: ScaleOptions | None = None) -> tuple[IFGraph, QuantReport]:
+    """Quantize a float IF graph; returns the integer graph and the per-layer report.
+
+    ``options``: how the scales are chosen (:class:`ScaleOptions`; default: from the
+    weights alone)."""
+    opts = options or ScaleOptions()
     prof = get_profile(profile) if isinstance(profile, str) else profile
     if graph.is_integer:
         raise QuantizationError("graph is already quantized (profile "
                                 f"{graph.meta.profile}); convert from the float model")
     if per_channel is None:
-        per_channel = prof.per_channel_threshold
+        per_channel = prof.per_channel_threshold and not opts.netx
     elif per_channel and not prof.per_channel_threshold:
         raise QuantizationError(f"profile {prof.name} allows one threshold per layer only")
     enc = graph.input.encoding
@@ -143,33 +305,29 @@ def quantize(graph: IFGraph, profile: Profile | str, per_channel: bool | None = 
             row_max = np.maximum(row_max, _row_max(real_w[p.name]))
         bias = np.asarray(layer.bias, dtype=np.float64)
         notes: list[str] = []
-        with np.errstate(divide="ignore"):
-            k_weight = np.where(row_max > 0, prof.weight_max / row_max, np.inf)
-            k_bias = np.where(np.abs(bias) > 0, prof.bias_max / (np.abs(bias) * unit), np.inf)
-        limit = float(prof.threshold_mant_max)
-        if isinstance(layer, IFLayer):
-            k = np.floor(np.minimum(np.minimum(k_weight, limit), k_bias))
-            if not per_channel:
-                k = np.full(c, k.min())
-            bias_bound = k_bias < np.minimum(k_weight, limit)
-            if np.any(bias_bound):
-                notes.append(f"threshold lowered in {int(bias_bound.sum())} channel(s) so the "
-                             "bias fits")
+        limits = _k_limits(layer, row_max, prof, opts)
+        stacked = np.stack(list(limits.values()))
+        hw = np.stack([v for key, v in limits.items() if key not in CALIBRATED]).min(axis=0)
+        f = opts.factor(name)
+        k_all = stacked.min(axis=0) * f if f <= 1 else np.minimum(
+            hw, np.stack([v for key, v in limits.items() if key in CALIBRATED]
+                         + [np.full(c, np.inf)]).min(axis=0) * f)
+        if isinstance(layer, IFLayer) and per_channel:
+            k = np.floor(k_all)
         else:
-            k = np.full(c, float(np.min(np.minimum(np.minimum(k_weight, limit), k_bias))))
+            k = np.full(c, np.floor(float(k_all.min())))
+        if isinstance(layer, IFLayer) and opts.netx:
+            before = k
+            k = _netx_fit(k, layer, graph.meta.phi)
+            if np.any(k < before):
+                notes.append("threshold lowered to fit netx's 13-bit bias mantissas")
+        ch = int(np.argmin(k))
+        bound = list(limits)[int(np.argmin(stacked[:, int(np.argmin(k_all))]))]
+        if limits["bias"][ch] < min(limits["weights"][ch], limits["threshold range"][ch]) \
+                and isinstance(layer, IFLayer):
+            notes.append("threshold lowered so the bias fits")
         if np.any(k < 1):
-            ch = int(np.argmin(k))
-            if k_bias[ch] < 1:
-                raise QuantizationError(
-                    f"layer {name}: bias {bias[ch]:.4g} (x threshold) in channel {ch} exceeds "
-                    f"profile {prof.name}'s bias limit {prof.bias_max} even at threshold 1")
-            worst = max(projs, key=lambda p: float(_row_max(real_w[p.name])[ch]))
-            w = float(_row_max(real_w[worst.name])[ch])
-            raise QuantizationError(
-                f"layer {name}: weight {w:.4g} (in threshold units) of {worst.name} in channel "
-                f"{ch} needs more than the {prof.weight_bits}-bit weights of profile "
-                f"{prof.name} allow (limit {prof.weight_max} at threshold 1)")
-
+            _refuse(name, ch, limits, bias, projs, real_w, prof, opts)
         err_num = err_den = 0.0
         w_max_int = 0
         step_bound = 0.0
@@ -204,7 +362,8 @@ def quantize(graph: IFGraph, profile: Profile | str, per_channel: bool | None = 
             th_min = th_max = 0
         current_limit = (2 ** (prof.current_bits - 1) if prof.current_bits is not None
                          else prof.voltage_max)
-        if step_bound > current_limit:
+        r = opts.ranges.layers.get(name) if opts.ranges is not None else None
+        if r is None and step_bound > current_limit:
             warnings.append(
                 f"layer {name}: one step's input can reach {step_bound:.3g} in the worst case, "
                 f"over the profile's {current_limit} (it would "
@@ -217,7 +376,9 @@ def quantize(graph: IFGraph, profile: Profile | str, per_channel: bool | None = 
             weight_bits_used=signed_bits(w_max_int / prof.weight_step),
             threshold_min=th_min, threshold_max=th_max, scale=float(np.mean(scale)),
             quant_error=math.sqrt(err_num / err_den) if err_den > 0 else 0.0,
-            max_step_input=int(step_bound), notes=tuple(notes),
+            max_step_input=int(step_bound), notes=tuple(notes), bound=bound,
+            observed_step_input=(None if r is None else
+                                 int(math.ceil(float(np.max(r.step_input * k)) * unit))),
         ))
 
     meta = dataclasses.replace(graph.meta, profile=prof.name)
@@ -227,7 +388,9 @@ def quantize(graph: IFGraph, profile: Profile | str, per_channel: bool | None = 
         meta=meta,
     )
     check_profile(qgraph)
-    return qgraph, QuantReport(prof.name, bool(per_channel), tuple(reports), tuple(warnings))
+    return qgraph, QuantReport(prof.name, bool(per_channel), tuple(reports), tuple(warnings),
+                               "weights" if opts.ranges is None else "calibrated",
+                               opts.margin, opts.ranges)
 
 
 def check_profile(graph: IFGraph) -> None:

@@ -319,8 +319,37 @@ class Projection(Node):
 
 @register
 @dataclass(frozen=True, eq=False)
+class CalibrationRecord(Node):
+    """What an integer graph's scales were calibrated for (SPEC 4b): ``timesteps`` T and
+    ``presim`` P, on ``samples`` inputs from ``source``, and the quantization fidelity
+    (0..1) the integer graph reached against the float IF graph on them."""
+
+    timesteps: int
+    presim: int
+    samples: int
+    source: str
+    fidelity: float
+
+    def __post_init__(self) -> None:
+        for f in ("timesteps", "presim", "samples"):
+            set_field(self, f, int(getattr(self, f)))
+        set_field(self, "fidelity", float(self.fidelity))
+        if self.timesteps < 1 or self.presim < 0 or self.samples < 1:
+            raise GraphError(f"calibration record: T {self.timesteps}, P {self.presim}, "
+                             f"{self.samples} samples out of range")
+        if not 0.0 <= self.fidelity <= 1.0:
+            raise GraphError(f"calibration record: fidelity {self.fidelity} not in 0..1")
+
+    @property
+    def steps(self) -> int:
+        return self.timesteps + self.presim
+
+
+@register
+@dataclass(frozen=True, eq=False)
 class GraphMeta(Node):
-    """Graph-wide facts: profile (None for a float graph), levels, phi, provenance."""
+    """Graph-wide facts: profile (None for a float graph), levels, phi, provenance;
+    ``calibration``: what the scales were calibrated for (None: weight-only scales)."""
 
     levels: int
     phi: float
@@ -328,9 +357,13 @@ class GraphMeta(Node):
     arch: str = ""
     num_classes: int = 0
     notes: str = ""
+    calibration: CalibrationRecord | None = None
 
     def __post_init__(self) -> None:
         if int(self.levels) < 1:
             raise GraphError(f"levels must be >= 1, got {self.levels}")
         set_field(self, "levels", int(self.levels))
         set_field(self, "phi", float(self.phi))
+        if self.calibration is not None and not isinstance(self.calibration,
+                                                           CalibrationRecord):
+            raise GraphError("graph meta: calibration must be a CalibrationRecord")

@@ -24,6 +24,11 @@ class EvalSummary:
     ``predictions``: (samples,) predicted class per input; ``layer_spikes[name]``:
     output spikes of IF layer ``name`` in its counted window, summed over all samples;
     ``layer_neurons[name]``: its neurons; ``seconds``: wall time of the whole run.
+    ``layer_wrapped[name]`` / ``layer_saturated[name]``: neuron-steps (every step of the
+    run, all samples) of IF layer or readout ``name`` whose current wrapped / whose
+    membrane saturated (:class:`~csqcfs_deploy.run.results.RunResult`), summed over the
+    batches; None when the back end does not count them. ``readout`` names the readout
+    layer and ``readout_neurons`` its size.
     """
 
     backend: str
@@ -39,6 +44,10 @@ class EvalSummary:
     predictions: NDArray[np.int64] = field(repr=False)
     layer_spikes: dict[str, int] = field(default_factory=dict)   # counted window, all samples
     layer_neurons: dict[str, int] = field(default_factory=dict)
+    layer_wrapped: dict[str, int] | None = None
+    layer_saturated: dict[str, int] | None = None
+    readout: str = ""
+    readout_neurons: int = 0
 
     @property
     def throughput(self) -> float:
@@ -46,6 +55,15 @@ class EvalSummary:
         return self.samples / self.seconds if self.seconds > 0 else float("inf")
 
     def to_json(self) -> dict[str, object]:
+        """The summary as JSON values.
+
+        ``"layers"``: one entry per IF layer (neurons, spikes, firing_rate, and the
+        ``"wrapped"`` / ``"saturated"`` neuron-steps, null when not counted). The readout
+        is *not* in ``"layers"`` (it has no spikes and no firing rate): it is the separate
+        entry ``"readout"``: ``{"name", "neurons", "wrapped", "saturated"}``. Top level:
+        ``"wrapped_total"`` / ``"saturated_total"`` over every IF layer and the readout,
+        and ``"readout_saturated"``; each null when the back end does not count.
+        """
         return {
             "backend": self.backend, "schedule": self.schedule, "accuracy": self.accuracy,
             "samples": self.samples, "timesteps": self.timesteps, "presim": self.presim,
@@ -54,9 +72,36 @@ class EvalSummary:
             "throughput": self.throughput,
             "layers": {k: {"neurons": self.layer_neurons[k], "spikes": v,
                            "firing_rate": v / (self.layer_neurons[k] * self.timesteps
-                                               * max(self.samples, 1))}
+                                               * max(self.samples, 1)),
+                           "wrapped": _count(self.layer_wrapped, k),
+                           "saturated": _count(self.layer_saturated, k)}
                        for k, v in self.layer_spikes.items()},
+            "readout": {"name": self.readout, "neurons": self.readout_neurons,
+                        "wrapped": _count(self.layer_wrapped, self.readout),
+                        "saturated": _count(self.layer_saturated, self.readout)},
+            "wrapped_total": _total(self.layer_wrapped),
+            "saturated_total": _total(self.layer_saturated),
+            "readout_saturated": _count(self.layer_saturated, self.readout),
         }
+
+
+def _count(counts: dict[str, int] | None, name: str) -> int | None:
+    """One layer's count, None when the back end does not count."""
+    return None if counts is None else counts.get(name, 0)
+
+
+def _total(counts: dict[str, int] | None) -> int | None:
+    """The sum over every layer, None when the back end does not count."""
+    return None if counts is None else sum(counts.values())
+
+
+def add_counts(total: dict[str, int] | None, batch: dict[str, int] | None
+               ) -> dict[str, int] | None:
+    """Per-layer counts summed over batches: None as soon as one batch has none (the
+    back end does not count)."""
+    if total is None or batch is None:
+        return None
+    return {k: total.get(k, 0) + batch.get(k, 0) for k in total.keys() | batch.keys()}
 
 
 def evaluate(backend: str, graph: IFGraph, raw: NDArray[Any], labels: NDArray[np.integer[Any]],
@@ -68,6 +113,9 @@ def evaluate(backend: str, graph: IFGraph, raw: NDArray[Any], labels: NDArray[np
     x_all = input_units(graph, raw)
     preds: list[NDArray[np.int64]] = []
     layer_spikes = {la.name: 0 for la in graph.if_layers}
+    counted = [la.name for la in graph.if_layers] + [graph.readout.name]
+    wrapped: dict[str, int] | None = dict.fromkeys(counted, 0)
+    saturated: dict[str, int] | None = dict.fromkeys(counted, 0)
     start = time.perf_counter()
     with open_backend(backend, graph, cfg, options) as runner:
         bar = tqdm(total=len(x_all), desc=f"{backend} T={cfg.timesteps} P={cfg.presim}",
@@ -77,6 +125,8 @@ def evaluate(backend: str, graph: IFGraph, raw: NDArray[Any], labels: NDArray[np
             preds.append(result.predictions)
             for name, counts in result.window_counts.items():
                 layer_spikes[name] += int(counts.to(torch.int64).sum())
+            wrapped = add_counts(wrapped, result.wrapped)
+            saturated = add_counts(saturated, result.saturated)
             bar.update(min(batch_size, len(x_all) - i))
         bar.close()
     seconds = time.perf_counter() - start
@@ -92,4 +142,6 @@ def evaluate(backend: str, graph: IFGraph, raw: NDArray[Any], labels: NDArray[np
         timesteps=cfg.timesteps, presim=cfg.presim, latency_steps=latency_steps(graph, cfg),
         pipeline_depth=pipeline_depth(graph, cfg), firing_rate=rate, seconds=seconds,
         predictions=predictions, layer_spikes=layer_spikes, layer_neurons=neurons,
+        layer_wrapped=wrapped, layer_saturated=saturated, readout=graph.readout.name,
+        readout_neurons=graph.readout.neurons,
     )

@@ -21,7 +21,12 @@ class RunResult:
     tensor (steps, N, *shape) of its *output* spikes (after the mask);
     ``spike_counts``: per IF layer (N, *shape) output spikes over all steps;
     ``window_counts``: the same over the layer's counted window only;
-    ``masks``: per IF layer (N, *shape) bool after pre-simulation (None if P = 0).
+    ``masks``: per IF layer (N, *shape) bool after pre-simulation (None if P = 0);
+    ``wrapped`` / ``saturated``: per IF layer *and* the readout, the neuron-steps of this
+    batch (every step ``1 .. steps``, all N samples, masked neurons included) whose
+    current wrapped (``profile.current`` changed ``acc << act_shift``) / whose membrane
+    saturated (``v + current + bias`` outside ``[voltage_min, voltage_max]``); None when
+    the back end does not count them (Lava, Norse).
     """
 
     readout: torch.Tensor
@@ -31,6 +36,8 @@ class RunResult:
     spike_counts: dict[str, torch.Tensor]
     window_counts: dict[str, torch.Tensor]
     masks: dict[str, torch.Tensor] | None
+    wrapped: dict[str, int] | None = None
+    saturated: dict[str, int] | None = None
 
     @property
     def predictions(self) -> np.ndarray:
@@ -81,14 +88,19 @@ def make_run_result(graph: IFGraph, cfg: RunConfig, steps: int, readout: torch.T
                     spike_counts: dict[str, torch.Tensor],
                     window_counts: dict[str, torch.Tensor],
                     spikes: dict[str, torch.Tensor] | None = None,
-                    masks: dict[str, torch.Tensor] | None = None) -> RunResult:
+                    masks: dict[str, torch.Tensor] | None = None,
+                    wrapped: dict[str, int] | None = None,
+                    saturated: dict[str, int] | None = None) -> RunResult:
     """The one place a :class:`RunResult` is built.
 
     ``readout`` (N, F) int64 membranes at the end; ``logits = readout * scale / T``;
-    ``spikes`` kept only when ``cfg.record``; ``masks`` only when ``cfg.presim > 0``.
+    ``spikes`` kept only when ``cfg.record``; ``masks`` only when ``cfg.presim > 0``;
+    ``wrapped`` / ``saturated`` (neuron-steps per IF layer and readout) as the back end
+    counted them, None when it does not count.
     """
     logits = readout.to(torch.float64) * graph.readout.scale / cfg.timesteps
     return RunResult(readout=readout, logits=logits, steps=steps,
                      spikes=spikes if cfg.record else None, spike_counts=spike_counts,
                      window_counts=window_counts,
-                     masks=masks if cfg.presim > 0 else None)
+                     masks=masks if cfg.presim > 0 else None,
+                     wrapped=wrapped, saturated=saturated)

@@ -11,6 +11,7 @@ The destination layer's bias (C,) int64 is the sum of its incoming chains' biase
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ from csqcfs_deploy.ir import (
     ReadoutLayer,
 )
 from csqcfs_deploy.ir.kinds import KindTable
+from csqcfs_deploy.ir.nodes import CalibrationRecord
 
 LayerT = InputLayer | IFLayer | ReadoutLayer
 
@@ -176,7 +178,22 @@ def _meta(ng: nir.NIRGraph, sem: Semantics, layers: list[LayerT]) -> GraphMeta:
                      phi=md_float("(graph)", ng, "phi"), profile=sem.profile.name,
                      arch=md_str("(graph)", ng, "arch"),
                      num_classes=md_int("(graph)", ng, "num_classes"),
-                     notes=md_str("(graph)", ng, "notes"))
+                     notes=md_str("(graph)", ng, "notes"),
+                     calibration=_calibration(ng))
+
+
+def _calibration(ng: nir.NIRGraph) -> CalibrationRecord | None:
+    """The graph's calibration record (metadata ``calibration``: JSON, "" or absent: none)."""
+    if "calibration" not in (ng.metadata or {}):
+        return None
+    text = md_str("(graph)", ng, "calibration")
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+        return CalibrationRecord(**data)
+    except (ValueError, TypeError, GraphError) as exc:
+        raise InputFileError(f"graph metadata calibration is malformed ({exc})") from None
 
 
 def nir_to_graph(ng: nir.NIRGraph) -> IFGraph:

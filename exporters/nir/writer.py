@@ -12,6 +12,8 @@ The metadata written here is the file format (README "NIR export and import").
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -236,6 +238,9 @@ def _graph_metadata(graph: IFGraph, flavor: str, profile: Profile, cast: ValueCa
         "voltage_min": int(profile.voltage_min), "voltage_max": int(profile.voltage_max),
         "value_dtype": "int64" if flavor == "native" else str(cast.dtype),
         "schedule": SCHEDULE_HINT,
+        "calibration": "" if meta.calibration is None else json.dumps(
+            {f.name: getattr(meta.calibration, f.name)
+             for f in dataclasses.fields(meta.calibration)}),
     }
 
 

@@ -14,6 +14,13 @@ re-init, readout clear, the counted window) comes from its
 form :func:`~csqcfs_deploy.ir.neuron.first_step_cut` (one comparison per neuron),
 and the last step of any run skips the reset and, where
 :attr:`.fast.IFConstants.final_exact` holds, the clamp.
+
+Both scans also count the layer's :class:`Overflow` (neuron-steps whose current
+wrapped or whose membrane saturated, over every step and sample). Where the
+layer's :class:`~.arithmetic.LayerArithmetic` proves that no wrap (``wraps``) or
+no clamp (``clamp``) can trigger, that count is 0 without any work; elsewhere
+it costs one counting pass per step (:func:`count_outside`, and in
+:func:`current` a count that replaces the wrap's add when nothing wrapped).
 """
 
 from __future__ import annotations
@@ -35,8 +42,31 @@ from csqcfs_deploy.ir.neuron import (
     readout_step,
 )
 from csqcfs_deploy.ir.profiles import Profile
-from csqcfs_deploy.simulators.integer.arithmetic import LayerArithmetic
+from csqcfs_deploy.simulators.integer.arithmetic import LayerArithmetic, memory_order
 from csqcfs_deploy.simulators.integer.fast import IFConstants, if_fire_final, if_fire_reset_
+
+
+@dataclass(frozen=True)
+class Overflow:
+    """Neuron-steps of one layer in one run (all steps, all N samples) where the rule's
+    bit widths changed a value: ``wrapped``: :meth:`Profile.current` changed
+    ``acc << act_shift`` (left the current register's range); ``saturated``: the clamp
+    changed ``v + current + bias`` (outside ``[voltage_min, voltage_max]``)."""
+
+    wrapped: int = 0
+    saturated: int = 0
+
+
+def count_outside(v: torch.Tensor, low: int, high: int) -> int:
+    """Elements of ``v`` outside ``[low, high]`` (exact integers in any dtype that holds
+    them): one min/max pass, and the two comparisons only when one lies outside."""
+    flat = memory_order(v)
+    if not flat.numel():
+        return 0
+    lo, hi = torch.aminmax(flat)
+    if lo.item() >= low and hi.item() <= high:
+        return 0
+    return int(torch.count_nonzero(flat > high)) + int(torch.count_nonzero(flat < low))
 
 
 @dataclass(frozen=True)
@@ -139,39 +169,52 @@ class LayerConstants:
 
 
 def current(acc: torch.Tensor, arith: LayerArithmetic, offset: torch.Tensor,
-            profile: Profile) -> torch.Tensor:
-    """``profile.current(acc) + offset`` of exact integer sums, as a new tensor in the
-    state dtype: ``u = acc << act_shift``, wrapped once (when it can wrap) as
-    :meth:`Profile.current`: ``u > h -> u - 2h``, then ``u <= -h -> u + 2h``."""
+            profile: Profile) -> tuple[torch.Tensor, int]:
+    """(``profile.current(acc) + offset``, wrapped) of exact integer sums: a new tensor in
+    the state dtype and the number of its elements whose current wrapped.
+
+    ``u = acc << act_shift``, wrapped once (when it can wrap) as :meth:`Profile.current`:
+    ``u > h -> u - 2h``, then ``u <= -h -> u + 2h`` (the second test cannot hit a value
+    the first one moved, so ``wrapped`` = #(u > h) + #(u <= -h) of the original ``u``).
+    """
     scale = 1 << profile.act_shift
     if acc.dtype == arith.state_dtype:
         if not arith.wraps:
-            return torch.add(offset, acc, alpha=scale)
+            return torch.add(offset, acc, alpha=scale), 0
         u = acc * scale
     else:
         u = acc.to(arith.state_dtype)
         if scale != 1:
             u.mul_(scale)
+    wrapped = 0
     if arith.wraps and profile.current_bits is not None:
         half = 1 << (profile.current_bits - 1)
         hit = torch.gt(u, half, out=torch.empty_like(u))
-        u.add_(hit, alpha=-2 * half)
+        up = int(torch.count_nonzero(hit))
+        if up:  # the count replaces the add when nothing wrapped
+            u.add_(hit, alpha=-2 * half)
         torch.le(u, -half, out=hit)
-        u.add_(hit, alpha=2 * half)
-    return u.add_(offset)
+        down = int(torch.count_nonzero(hit))
+        if down:
+            u.add_(hit, alpha=2 * half)
+        wrapped = up + down
+    return u.add_(offset), wrapped
 
 
 def drive(parts: list[Part], t: int, n: int, arith: LayerArithmetic, offset: torch.Tensor,
           shape: tuple[int, ...], profile: Profile,
-          cache: dict[tuple[int, int], torch.Tensor]) -> tuple[torch.Tensor, bool]:
-    """``current(acc_t) + offset`` of step ``t + 1`` in the state dtype; (tensor, owned).
+          cache: dict[tuple[int, int], tuple[torch.Tensor, int]]
+          ) -> tuple[torch.Tensor, bool, int]:
+    """``current(acc_t) + offset`` of step ``t + 1`` in the state dtype; (tensor, owned,
+    wrapped: neuron-steps of this step whose current wrapped).
 
     ``offset`` is the bias, or bias + v_init for a step that starts from v_init.
-    A drive made only of constant (input) sums is computed once and cached.
+    A drive made only of constant (input) sums is computed once and cached (with its
+    wrap count, which then counts again at every step that uses it).
     """
     active = [pt for pt in parts if t >= pt.delay]
     if not active:
-        return offset.expand(n, *shape), False
+        return offset.expand(n, *shape), False, 0
     if all(pt.constant for pt in active):
         key = (len(active), id(offset))
         if key not in cache:
@@ -179,13 +222,15 @@ def drive(parts: list[Part], t: int, n: int, arith: LayerArithmetic, offset: tor
             for pt in active[1:]:
                 acc = acc + pt.sums
             cache[key] = current(acc, arith, offset, profile)
-        return cache[key], False
+        cached, wrapped = cache[key]
+        return cached, False, wrapped
     rows = [pt.sums if pt.constant else pt.sums[(t - pt.delay) * n:(t - pt.delay + 1) * n]
             for pt in active]
     acc = rows[0]
     for r in rows[1:]:
         acc = acc + r
-    return current(acc, arith, offset, profile), True
+    u, wrapped = current(acc, arith, offset, profile)
+    return u, True, wrapped
 
 
 # --------------------------------------------------------------------------- the scans
@@ -193,9 +238,13 @@ def drive(parts: list[Part], t: int, n: int, arith: LayerArithmetic, offset: tor
 
 def scan_if(layer: IFLayer, parts: list[Part], arith: LayerArithmetic, steps: int, n: int,
             events: LayerEvents, consts: LayerConstants,
-            masks: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Output spikes of one IF layer, float32 0/1 (steps * N, *shape); its mask (N, *shape)
-    bool goes into ``masks`` when ``events`` take one. ``v = None`` stands for ``v_init``."""
+            masks: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Overflow]:
+    """(output spikes of one IF layer, float32 0/1 (steps * N, *shape); its
+    :class:`Overflow` over all steps); its mask (N, *shape) bool goes into ``masks``
+    when ``events`` take one. ``v = None`` stands for ``v_init``.
+
+    Saturation is counted on ``v + current + bias`` just before the clamp (also on
+    a last step whose clamp :func:`if_fire_final` skips), only when ``arith.clamp``."""
     profile = consts.profile
     c, bias, start = consts.scan(layer, arith.state_dtype, arith.clamp)
     single = _single_step(layer, parts, arith, steps, c, consts)
@@ -212,17 +261,23 @@ def scan_if(layer: IFLayer, parts: list[Part], arith: LayerArithmetic, steps: in
                else empty((n, *layer.shape), torch.bool))
     v: torch.Tensor | None = None
     mask: torch.Tensor | None = None
-    cache: dict[tuple[int, int], torch.Tensor] = {}
+    cache: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
+    wrapped = saturated = 0
     for t in range(steps):  # t = step - 1
         if v is None:
-            v, owned = drive(parts, t, n, arith, start, layer.shape, profile, cache)
+            v, owned, w = drive(parts, t, n, arith, start, layer.shape, profile, cache)
+            wrapped += w
             if not owned:
                 v = v.clone()
         elif direct and t >= parts[0].delay:  # v += acc << k; v += bias (no temporaries)
             d = parts[0].delay
             v.add_(parts[0].sums[(t - d) * n:(t - d + 1) * n], alpha=scale).add_(bias)
         else:
-            v.add_(drive(parts, t, n, arith, bias, layer.shape, profile, cache)[0])
+            u, _, w = drive(parts, t, n, arith, bias, layer.shape, profile, cache)
+            wrapped += w
+            v.add_(u)
+        if arith.clamp:
+            saturated += count_outside(v, c.v_min, c.v_max)
         o = out[t * n:(t + 1) * n]
         fired = o if scratch is None else scratch
         if t == steps - 1 and c.final_exact:
@@ -238,37 +293,53 @@ def scan_if(layer: IFLayer, parts: list[Part], arith: LayerArithmetic, steps: in
             mask = masks[layer.name].to(torch.float32)
         if events.reinit_after(t + 1):
             v = None
-    return out
+    return out, Overflow(wrapped, saturated)
 
 
 def _single_step(layer: IFLayer, parts: list[Part], arith: LayerArithmetic, steps: int,
-                 c: IFConstants, consts: LayerConstants) -> torch.Tensor | None:
+                 c: IFConstants, consts: LayerConstants
+                 ) -> tuple[torch.Tensor, Overflow] | None:
     """One-step runs (synchronous, T = 1, P = 0) on the float sums directly.
 
     With ``v = v_init``, no wrap and a clamp invisible to the comparison
     (``c.final_exact``), the spike is ``acc > first_step_cut(...)``: one comparison
-    per neuron.
+    per neuron (and, only when ``arith.clamp``, the membrane ``v_init + current + bias``
+    to count its saturation).
     """
     if steps != 1 or arith.wraps or not c.final_exact or len(parts) != 1 \
             or parts[0].delay != 0:
         return None
     acc = parts[0].sums
     out = torch.empty_like(acc, dtype=torch.float32)
-    return torch.gt(acc, consts.cut(layer, acc.dtype), out=out)
+    saturated = 0
+    if arith.clamp:
+        _, _, start = consts.scan(layer, arith.state_dtype, arith.clamp)
+        v, _ = current(acc, arith, start, consts.profile)
+        saturated = count_outside(v, c.v_min, c.v_max)
+    return torch.gt(acc, consts.cut(layer, acc.dtype), out=out), Overflow(0, saturated)
 
 
 def scan_readout(layer: ReadoutLayer, parts: list[Part], arith: LayerArithmetic, steps: int,
-                 n: int, events: LayerEvents, consts: LayerConstants) -> torch.Tensor:
-    """The readout's membrane (N, F) int64 at the end: :func:`readout_step` every step,
-    cleared when ``events`` say so (so it accumulates the counted window only)."""
+                 n: int, events: LayerEvents, consts: LayerConstants
+                 ) -> tuple[torch.Tensor, Overflow]:
+    """(the readout's membrane (N, F) int64 at the end, its :class:`Overflow` over all
+    steps): :func:`readout_step` every step, cleared when ``events`` say so (so it
+    accumulates the counted window only). Saturation is counted on
+    ``v + current + bias`` before the clamp, only when ``arith.clamp``."""
+    profile = consts.profile
     bias = consts.readout_bias(layer)
     zero = torch.zeros_like(bias)
     v = torch.zeros((n, *layer.shape), dtype=torch.int64)
     wide = dataclasses.replace(arith, state_dtype=torch.int64)
-    cache: dict[tuple[int, int], torch.Tensor] = {}
+    cache: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
+    wrapped = saturated = 0
     for t in range(steps):
-        step_drive, _ = drive(parts, t, n, wide, zero, layer.shape, consts.profile, cache)
-        v = readout_step(step_drive, v, bias, consts.profile)
+        step_drive, _, w = drive(parts, t, n, wide, zero, layer.shape, profile, cache)
+        wrapped += w
+        if arith.clamp:
+            saturated += count_outside(v + step_drive + bias, profile.voltage_min,
+                                       profile.voltage_max)
+        v = readout_step(step_drive, v, bias, profile)
         if events.clears_after(t + 1):
             v = torch.zeros_like(v)
-    return v
+    return v, Overflow(wrapped, saturated)

@@ -20,7 +20,11 @@ channels-last memory (rows ``t*N .. t*N + N - 1`` are step ``t + 1``), a (F,)
 layer as (S*N, F). Spikes are held as float32 0/1 (the next kernel's input).
 In :class:`RunResult`, recorded spikes are contiguous bool (steps, N, *shape),
 masks contiguous bool (N, *shape); the int32 counts keep the channels-last
-layout (compare with ``torch.equal``, flatten with ``reshape``).
+layout (compare with ``torch.equal``, flatten with ``reshape``). ``wrapped`` and
+``saturated`` hold, per IF layer and the readout, the neuron-steps of this batch
+(all steps, all N samples, masked neurons included) whose current wrapped or
+whose membrane saturated (:class:`~.scan.Overflow`; 0 without any work where the
+layer's :class:`~.arithmetic.LayerArithmetic` proves neither can happen).
 """
 
 from __future__ import annotations
@@ -107,6 +111,8 @@ class Simulator:
         spike_counts: dict[str, torch.Tensor] = {}
         window_counts: dict[str, torch.Tensor] = {}
         masks: dict[str, torch.Tensor] = {}
+        wrapped: dict[str, int] = {}
+        saturated: dict[str, int] = {}
         readout_v: torch.Tensor | None = None
 
         for name in self._order[1:]:
@@ -139,7 +145,8 @@ class Simulator:
             parts = merge_parts(parts)
             ev = events[name]
             if isinstance(layer, IFLayer):
-                out = scan_if(layer, parts, arith, steps, n, ev, self.constants, masks)
+                out, overflow = scan_if(layer, parts, arith, steps, n, ev, self.constants,
+                                        masks)
                 window_counts[name] = count_spikes(out, n, ev.window)
                 spike_counts[name] = (window_counts[name] if steps == cfg.timesteps
                                       else count_spikes(out, n, slice(0, steps)))
@@ -148,12 +155,17 @@ class Simulator:
                         torch.bool, memory_format=torch.contiguous_format)
                 sources[name] = Source(out, 1.0)
             elif isinstance(layer, ReadoutLayer):
-                readout_v = scan_readout(layer, parts, arith, steps, n, ev, self.constants)
+                readout_v, overflow = scan_readout(layer, parts, arith, steps, n, ev,
+                                                   self.constants)
+            else:  # pragma: no cover - every non-input layer is one of the two
+                raise GraphError(f"layer {name} is neither an IF layer nor a readout")
+            wrapped[name], saturated[name] = overflow.wrapped, overflow.saturated
         if readout_v is None:  # pragma: no cover - IFGraph validates its readout
             raise GraphError("the graph has no readout layer")
         return make_run_result(graph, cfg, steps, readout_v, spike_counts, window_counts,
                                spikes=spikes,
-                               masks={k: v.contiguous() for k, v in masks.items()})
+                               masks={k: v.contiguous() for k, v in masks.items()},
+                               wrapped=wrapped, saturated=saturated)
 
     def _arithmetic(self, layer: IFLayer | ReadoutLayer, parts: list[Part],
                     static_bound: float, sum_dtype: torch.dtype, steps: int

@@ -21,6 +21,7 @@ from csqcfs_deploy.cli.dataset_args import (
     encoding_override,
     resolve_dataset,
 )
+from csqcfs_deploy.cli.fidelity_args import plan_from_args
 from csqcfs_deploy.cli.model_io import (
     Calibration,
     FoldCheckOptions,
@@ -88,7 +89,8 @@ def resolve_model(args: argparse.Namespace) -> LoadedModel:
                         dataset=dataset, input_shape=shape, encoding=enc,
                         model_args=getattr(args, "model_args", None),
                         encoding_override=None if override.empty else override.apply,
-                        check=fold_check_options(args, user_ds))
+                        check=fold_check_options(args, user_ds),
+                        plan=plan_from_args(args))
     check_model_encoding(loaded, override)
     return loaded
 

@@ -15,6 +15,12 @@ from pathlib import Path
 from csqcfs_deploy.cli.commands.common import add_json_arg, console, print_json, table
 from csqcfs_deploy.cli.commands.report import make_report, plot_report, print_tables
 from csqcfs_deploy.cli.commands.verify import print_result
+from csqcfs_deploy.cli.fidelity_args import (
+    add_gate_args,
+    add_scale_args,
+    gates_from_args,
+    plan_from_args,
+)
 from csqcfs_deploy.cli.model_io import FoldCheckOptions, calibration_from, graph_from_network
 from csqcfs_deploy.errors import GraphError, UsageError
 from csqcfs_deploy.files import write_text_atomic
@@ -23,6 +29,7 @@ from csqcfs_deploy.ir.schedule import RunConfig, Schedule
 from csqcfs_deploy.report.energy import BUILTIN_ENERGY
 from csqcfs_deploy.run.backends import BackendOptions
 from csqcfs_deploy.run.evaluation import EvalSummary, evaluate
+from csqcfs_deploy.run.fidelity import measure
 from csqcfs_deploy.run.reference import ann_forward, input_units
 from csqcfs_deploy.run.verify import verify
 from csqcfs_deploy.train.checkpoint import save_checkpoint
@@ -43,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--presim", "-P", type=int, default=0)
     p.add_argument("--lava-samples", type=int, default=40,
                    help="test samples for Lava (slow: about 3 per second); others use all 360")
+    add_scale_args(p)
+    add_gate_args(p)
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -113,8 +122,14 @@ def run(args: argparse.Namespace) -> int:
 
     say("[2/6] fold and quantize to the loihi2 profile")
     calibration = FoldCheckOptions(lambda config: calibration_from(ds))
+    plan = plan_from_args(args)
     loaded = graph_from_network(trained.model, trained.config, "loihi2", None,
-                                out / "digits-cnn.pt", "checkpoint", calibration)
+                                out / "digits-cnn.pt", "checkpoint", calibration, plan)
+    fid = measure(loaded.graph, ds.x_test, ds.y_test, RunConfig(args.timesteps, args.presim),
+                  float_graph=loaded.float_graph, model=trained.model,
+                  encoding=trained.config.encoding, gates=gates_from_args(args))
+    for line in fid.lines():
+        say(f"      {line}")
     if loaded.fold_check is not None:
         say(f"      {loaded.fold_check.summary()}")
     graph, float_graph = loaded.graph, loaded.float_graph
@@ -131,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
 
     files.append(write_nir_graph(graph, out / "digits-cnn.nir", "native"))
     per_layer = graph_from_network(trained.model, trained.config, "loihi2", False, None,
-                                   "checkpoint", calibration).graph
+                                   "checkpoint", calibration, plan).graph
     files.append(write_nir_graph(per_layer, out / "digits-cnn-portable.nir", "portable"))
 
     cfg_t, cfg_p = args.timesteps, args.presim
@@ -151,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     verified = verify(graph, x, cfg_t, cfg_p, ["int", "lava", "norse"], batch_size=32,
                       progress=not quiet)
     if not quiet:
-        print_result(verified)
+        print_result(verified, fid)
     files.append(write_text_atomic(out / "verify.json",
                                    json.dumps(verified.to_json(), indent=2) + "\n"))
 
@@ -175,10 +190,15 @@ def run(args: argparse.Namespace) -> int:
         timesteps=cfg_t, presim=cfg_p, files=tuple(files),
         seconds=time.perf_counter() - start)
     if quiet:
-        print_json(summary.to_json())
+        print_json({"fidelity": fid.to_json(), **summary.to_json()})
     else:
+        for line in fid.lines():
+            con.print(line)
         print_summary(summary)
-    return 0 if verified.identical else 6
+    if not verified.identical:
+        return 6
+    fid.check()
+    return 0
 
 
 def print_summary(summary: DemoSummary) -> None:

@@ -28,6 +28,7 @@ from csqcfs_deploy.cli.commands.common import (
     resolve_model,
 )
 from csqcfs_deploy.cli.commands.run import fold_check_json
+from csqcfs_deploy.cli.fidelity_args import add_scale_args
 from csqcfs_deploy.errors import BackendUnavailable, UsageError
 from csqcfs_deploy.ir import IFGraph
 
@@ -84,6 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="target flavour (nir: native (default) or portable; portable is exact "
                    "only at T = 1 without pre-simulation and needs --per-layer-thresholds)")
     p.add_argument("-o", "--output", required=True, help="file to write")
+    add_scale_args(p)
     add_json_arg(p)
     p.set_defaults(func=run)
 

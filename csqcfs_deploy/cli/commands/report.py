@@ -12,7 +12,11 @@ schema :data:`REPORT_SCHEMA_VERSION` documented in the README::
      "totals": {"neurons", "spikes", "firing_rate", "sops", "input_macs",
                 "sops_per_sample", "ann_macs_per_sample"},
      "energy": [{"name", "source", "constants", "snn_pj_per_sample",
-                 "ann_pj_per_sample", "ann_over_snn"}]}
+                 "ann_pj_per_sample", "ann_over_snn"}],
+     "fidelity": {...} | null}      # run.fidelity.Fidelity.to_json()
+
+The fidelity lines head the tables; a wrapped current or saturated membrane
+gets a warning, and a failed fidelity gate exits 9 after the report is written.
 
 Counts are over all samples and all simulated steps (``steps_simulated``:
 P + T, plus the pipeline depth when pipelined), except ``ann_macs`` (one
@@ -22,6 +26,7 @@ forward pass per sample, per layer) and the ``*_per_sample`` totals.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,12 +47,21 @@ from csqcfs_deploy.cli.commands.common import (
     table,
 )
 from csqcfs_deploy.cli.commands.run import add_run_args, print_fold_check, split
+from csqcfs_deploy.cli.fidelity_args import (
+    add_gate_args,
+    add_scale_args,
+    fidelity_of,
+    gates_from_args,
+    print_fidelity,
+)
+from csqcfs_deploy.cli.model_io import warn
 from csqcfs_deploy.errors import UsageError
 from csqcfs_deploy.files import write_atomic, write_text_atomic
 from csqcfs_deploy.ir import IFGraph
 from csqcfs_deploy.ir.schedule import SCHEDULES, RunConfig, latency_steps, total_steps
 from csqcfs_deploy.report.energy import EnergyConstants, EnergyEstimate, estimate, resolve_energy
 from csqcfs_deploy.report.sops import ActivityCounter, LayerActivity
+from csqcfs_deploy.run.fidelity import Fidelity
 from csqcfs_deploy.run.reference import input_units
 from csqcfs_deploy.simulators.integer import simulate
 
@@ -72,6 +86,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="write the JSON report to FILE (or stdout with no FILE)")
     p.add_argument("--plot", metavar="FILE.png", help="write a PNG: firing rates, SOPs vs "
                                                       "MACs, energy")
+    add_scale_args(p)
+    add_gate_args(p)
     p.set_defaults(func=run)
 
 
@@ -117,6 +133,7 @@ class Report:
     layers: tuple[LayerActivity, ...]
     totals: ReportTotals
     energy: tuple[EnergyEstimate, ...]
+    fidelity: Fidelity | None = None
 
     def energy_named(self, name: str) -> EnergyEstimate:
         """The estimate under constant set ``name``."""
@@ -142,20 +159,25 @@ class Report:
             "layers": [la.to_json() for la in self.layers],
             "totals": self.totals.to_json(),
             "energy": [e.to_json() for e in self.energy],
+            "fidelity": None if self.fidelity is None else self.fidelity.to_json(),
         }
 
 
 def build_report(args: argparse.Namespace) -> Report:
     energy_sets = resolve_energy(args.energy)
+    gates_from_args(args)
     loaded = resolve_model(args)
     raw, labels, ds_name = split(args, loaded)
-    if args.json != "-":  # tables on stdout: the fold check heads them
-        print_fold_check(loaded)
     cfg = RunConfig(timesteps=args.timesteps, presim=args.presim,
                     schedule=as_schedule(args.schedule))
-    return make_report(loaded.graph, raw, labels, cfg, energy_sets,
-                       str(args.model or args.user_model), ds_name, args.batch_size,
-                       progress=args.json != "-")
+    fid = fidelity_of(args, loaded, raw, labels, cfg)
+    if args.json != "-":  # tables on stdout: the fidelity and the fold check head them
+        print_fidelity(fid, console())
+        print_fold_check(loaded)
+    report = make_report(loaded.graph, raw, labels, cfg, energy_sets,
+                         str(args.model or args.user_model), ds_name, args.batch_size,
+                         progress=args.json != "-")
+    return dataclasses.replace(report, fidelity=fid)
 
 
 def make_report(graph: IFGraph, raw: NDArray[Any], labels: NDArray[np.integer[Any]],
@@ -247,13 +269,21 @@ def run(args: argparse.Namespace) -> int:
         plot_report(report, args.plot)
     if args.json == "-":
         print_json(report.to_json())
-        return 0
-    if args.json:
-        write_text_atomic(args.json, json.dumps(report.to_json(), indent=2) + "\n")
-    print_tables(report)
-    for path in (args.json, args.plot):
-        if path:
-            console().print(f"wrote {Path(path)}")
+    else:
+        if args.json:
+            write_text_atomic(args.json, json.dumps(report.to_json(), indent=2) + "\n")
+        print_tables(report)
+        for path in (args.json, args.plot):
+            if path:
+                console().print(f"wrote {Path(path)}")
+    fid = report.fidelity
+    if fid is not None:
+        over = {k: v for k, v in {**(fid.wrapped or {}), **(fid.saturated or {})}.items() if v}
+        if over:
+            warn(f"overflow in {', '.join(sorted(over))}: currents wrapped or membranes "
+                 "saturated on these samples (see the fidelity lines); the figures above "
+                 "include them")
+        fid.check()
     return 0
 
 

@@ -21,12 +21,20 @@ from csqcfs_deploy.cli.commands.common import (
     resolve_model,
     table,
 )
+from csqcfs_deploy.cli.fidelity_args import (
+    add_gate_args,
+    add_scale_args,
+    fidelity_of,
+    gates_from_args,
+    print_fidelity,
+)
 from csqcfs_deploy.cli.model_io import LoadedModel
 from csqcfs_deploy.convert.check import FoldCheck
 from csqcfs_deploy.errors import UsageError
 from csqcfs_deploy.ir.schedule import SCHEDULES, RunConfig, recording_bytes
 from csqcfs_deploy.run.backends import BACKENDS, BackendOptions, default_schedule
 from csqcfs_deploy.run.evaluation import EvalSummary, evaluate
+from csqcfs_deploy.run.fidelity import Fidelity
 from csqcfs_deploy.run.memory import format_bytes
 
 
@@ -51,6 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--schedule", choices=SCHEDULES, default=None,
                    help="default: the back end's own (int: synchronous, lava: pipelined)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (norse)")
+    add_scale_args(p)
+    add_gate_args(p)
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -79,11 +89,13 @@ class RunReport:
     batch_size: int
     recording_bytes_per_batch: int
     fold_check: FoldCheck | None = None
+    fidelity: Fidelity | None = None
 
     def to_json(self) -> dict[str, object]:
-        """The summary's JSON followed by dataset, profile, batch_size, recording bytes
+        """The fidelity, the summary's JSON, dataset, profile, batch_size, recording bytes
         and the fold check (None when the model was not folded here)."""
-        return {**self.summary.to_json(), "dataset": self.dataset, "profile": self.profile,
+        return {"fidelity": None if self.fidelity is None else self.fidelity.to_json(),
+                **self.summary.to_json(), "dataset": self.dataset, "profile": self.profile,
                 "batch_size": self.batch_size,
                 "recording_bytes_per_batch": self.recording_bytes_per_batch,
                 "fold_check": fold_check_json(self.fold_check)}
@@ -119,22 +131,25 @@ def split(args: argparse.Namespace, loaded: LoadedModel) -> EvalSamples:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    gates_from_args(args)
     loaded = resolve_model(args)
     raw, labels, ds_name = split(args, loaded)
-    if not args.json:
-        print_fold_check(loaded)
     schedule = as_schedule(args.schedule or default_schedule(args.backend))
     cfg = RunConfig(timesteps=args.timesteps, presim=args.presim, schedule=schedule)
     summary = evaluate(args.backend, loaded.graph, raw, labels, cfg, args.batch_size,
                        BackendOptions(device=args.device, progress=not args.json),
                        progress=not args.json)
+    fid = fidelity_of(args, loaded, raw, labels, cfg, summary)
     batch = min(args.batch_size, summary.samples)
     report = RunReport(summary, ds_name, loaded.graph.meta.profile, batch,
-                       recording_bytes(loaded.graph, cfg, batch), loaded.fold_check)
+                       recording_bytes(loaded.graph, cfg, batch), loaded.fold_check, fid)
     if args.json:
         print_json(report.to_json())
-        return 0
-    print_run(report, args.backend, sum(la.neurons for la in loaded.graph.if_layers))
+    else:
+        print_fidelity(fid, console())
+        print_fold_check(loaded)
+        print_run(report, args.backend, sum(la.neurons for la in loaded.graph.if_layers))
+    fid.check()
     return 0
 
 

@@ -31,6 +31,7 @@ from csqcfs_deploy.cli.commands.common import (
     table,
 )
 from csqcfs_deploy.cli.commands.run import fold_check_json, print_fold_check, split
+from csqcfs_deploy.cli.fidelity_args import add_scale_args
 from csqcfs_deploy.cli.model_io import LoadedModel
 from csqcfs_deploy.convert.check import FoldCheck
 from csqcfs_deploy.errors import InputFileError, UsageError
@@ -56,6 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--samples", type=int, default=None,
                    help="first N samples of the test split (default all)")
     p.add_argument("--batch-size", type=int, default=128)
+    add_scale_args(p)
     p.add_argument("--plot", metavar="FILE.png", help="write accuracy against latency as a PNG")
     add_json_arg(p)
     p.set_defaults(func=run)

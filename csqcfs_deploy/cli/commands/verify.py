@@ -21,9 +21,18 @@ from csqcfs_deploy.cli.commands.run import (
     print_fold_check,
     split,
 )
+from csqcfs_deploy.cli.fidelity_args import (
+    add_gate_args,
+    add_scale_args,
+    fidelity_of,
+    gates_from_args,
+    print_fidelity,
+)
 from csqcfs_deploy.convert.check import FoldCheck
 from csqcfs_deploy.errors import UsageError, VerificationFailed
+from csqcfs_deploy.ir.schedule import RunConfig
 from csqcfs_deploy.run.backends import BACKENDS, BackendOptions
+from csqcfs_deploy.run.fidelity import Fidelity
 from csqcfs_deploy.run.reference import input_units
 from csqcfs_deploy.run.verify import Mismatch, VerifyResult, verify
 
@@ -41,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="comma-separated back ends (default int,lava,norse)")
     add_run_args(p)
     p.add_argument("--device", default="cpu", help="device for norse (cpu or cuda)")
+    add_scale_args(p)
+    add_gate_args(p)
     add_json_arg(p)
     p.set_defaults(func=run, batch_size=32)
 
@@ -65,10 +76,16 @@ class VerifyReport:
     timesteps: int
     presim: int
     fold_check: FoldCheck | None = None
+    fidelity: Fidelity | None = None
 
     def to_json(self) -> dict[str, object]:
-        """The result's JSON followed by dataset, samples, timesteps, presim, fold check."""
-        return {**self.result.to_json(), "dataset": self.dataset, "samples": self.samples,
+        """The fidelity, the result's JSON (``identical``: the back ends agree with each
+        other), ``verified`` (they agree *and* the fidelity gates hold), dataset, samples,
+        timesteps, presim, fold check."""
+        verified = self.result.identical and (self.fidelity is None or self.fidelity.passed)
+        return {"fidelity": None if self.fidelity is None else self.fidelity.to_json(),
+                **self.result.to_json(), "verified": verified,
+                "dataset": self.dataset, "samples": self.samples,
                 "timesteps": self.timesteps, "presim": self.presim,
                 "fold_check": fold_check_json(self.fold_check)}
 
@@ -81,7 +98,7 @@ def describe_mismatch(m: Mismatch) -> str:
             f"neuron ({idx}), {where}: expected {m.expected}, got {m.got}")
 
 
-def print_result(result: VerifyResult) -> None:
+def print_result(result: VerifyResult, fid: Fidelity | None = None) -> None:
     """Mismatches / values compared per layer and comparison, then one line each."""
     con = console()
     cols = ["layer", "neurons", "spikes (int)"] + [c.name for c in result.comparisons]
@@ -106,17 +123,26 @@ def print_result(result: VerifyResult) -> None:
     first = result.first_mismatch
     if first is not None:
         con.print(f"first mismatch: {describe_mismatch(first)}")
-    con.print("IDENTICAL: every compared spike agrees" if result.identical
-              else "NOT IDENTICAL")
+    fails = [] if fid is None else fid.failures()
+    if result.identical and not fails:
+        con.print("IDENTICAL: every compared spike agrees, and the fidelity gates hold")
+    elif result.identical:
+        con.print("NOT VERIFIED: the back ends agree spike for spike, but "
+                  + "; ".join(fails))
+    else:
+        con.print("NOT IDENTICAL" + (f"; also {'; '.join(fails)}" if fails else ""))
 
 
 def run(args: argparse.Namespace) -> int:
     backends = parse_backends(args.backends)
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    gates_from_args(args)
     loaded = resolve_model(args)
-    raw, _, ds_name = split(args, loaded)
+    raw, labels, ds_name = split(args, loaded)
+    fid = fidelity_of(args, loaded, raw, labels, RunConfig(args.timesteps, args.presim))
     if not args.json:
+        print_fidelity(fid, console())
         print_fold_check(loaded)
     x = input_units(loaded.graph, raw)
     result = verify(loaded.graph, x, args.timesteps, args.presim, backends, args.batch_size,
@@ -124,7 +150,10 @@ def run(args: argparse.Namespace) -> int:
                     progress=not args.json)
     if args.json:
         print_json(VerifyReport(result, ds_name, len(x), args.timesteps, args.presim,
-                                loaded.fold_check).to_json())
+                                loaded.fold_check, fid).to_json())
     else:
-        print_result(result)
-    return 0 if result.identical else VerificationFailed.exit_code
+        print_result(result, fid)
+    if not result.identical:
+        return VerificationFailed.exit_code
+    fid.check()
+    return 0
