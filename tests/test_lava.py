@@ -425,7 +425,12 @@ def test_cli_run_lava_gives_the_int_backend_keys(residual_graph: IFGraph, tmp_pa
         assert code == 0
         outputs[backend] = json.loads(capsys.readouterr().out)
     assert set(outputs["lava"]) == set(outputs["int"])
-    for key in ("accuracy", "samples", "latency_steps", "pipeline_depth", "firing_rate",
-                "layers"):
+    for key in ("accuracy", "samples", "latency_steps", "pipeline_depth", "firing_rate"):
         assert outputs["lava"][key] == outputs["int"][key], key
+    counters = ("wrapped", "saturated")  # counted by the integer simulator only
+    for name, la in outputs["int"]["layers"].items():
+        lava = outputs["lava"]["layers"][name]
+        assert all(lava[c] is None for c in counters)
+        assert {k: v for k, v in la.items() if k not in counters} == {
+            k: v for k, v in lava.items() if k not in counters}
     assert outputs["lava"]["backend"] == "lava"

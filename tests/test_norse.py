@@ -376,6 +376,16 @@ def test_cli_norse_matches_int(digits_graphs: dict[str, IFGraph], tmp_path,  # t
     assert a.keys() == b.keys()
     for volatile in ("backend", "seconds", "throughput"):
         a.pop(volatile), b.pop(volatile)
+    # the overflow counters come from the integer simulator only (null for Norse)
+    for key in ("wrapped_total", "saturated_total", "readout_saturated"):
+        assert isinstance(a.pop(key), int) and b.pop(key) is None
+    for out in (a, b):
+        for la in [*out["layers"].values(), out["readout"]]:
+            assert ("wrapped" in la) and ("saturated" in la)
+            if out is b:
+                assert la.pop("wrapped") is None and la.pop("saturated") is None
+            else:
+                la.pop("wrapped"), la.pop("saturated")
     assert a == b
     if not torch.cuda.is_available():
         argv = ["run", str(path), "--backend", "norse", "--dataset", "digits",

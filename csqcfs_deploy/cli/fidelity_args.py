@@ -24,6 +24,7 @@ from csqcfs_deploy.run.evaluation import EvalSummary
 from csqcfs_deploy.run.fidelity import DEFAULT_MIN_AGREEMENT, Fidelity, Gates, measure
 
 SCALES = ("calibrated", "weights")
+ROUNDINGS = ("nearest", "gptq")
 
 
 def add_scale_args(p: argparse.ArgumentParser) -> None:
@@ -35,6 +36,9 @@ def add_scale_args(p: argparse.ArgumentParser) -> None:
                    "weights alone (the uncalibrated choice)")
     p.add_argument("--calibration-margin", type=float, default=DEFAULT_MARGIN, metavar="M",
                    help=f"headroom over the calibrated ranges (default {DEFAULT_MARGIN:g})")
+    p.add_argument("--rounding", choices=ROUNDINGS, default="nearest",
+                   help="how weights are rounded: nearest (default), or gptq: error-"
+                   "compensating from the calibration inputs' second moments (slower)")
     p.add_argument("--optimize", action="store_true",
                    help="try a few scales per layer and keep the best agreement with the "
                    "float IF graph on the calibration samples (prints what it tried)")
@@ -72,6 +76,7 @@ def plan_from_args(args: argparse.Namespace) -> CalibrationPlan:
         enabled=getattr(args, "scales", "calibrated") == "calibrated",
         netx=getattr(args, "target", None) == "lava-netx",
         optimize=bool(getattr(args, "optimize", False)),
+        rounding=str(getattr(args, "rounding", "nearest")),
         progress=not getattr(args, "json", False) and sys.stderr.isatty())
 
 

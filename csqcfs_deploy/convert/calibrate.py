@@ -21,19 +21,22 @@ schedule is this run shifted by each layer's depth, SPEC section 4.)
 While it runs, it records per layer and output channel (:class:`LayerRange`)
 the largest ``|a_t|`` of any step and position (what one step's current must
 hold), the largest ``v`` after the update (before the reset), and the largest
-``-v``; for the readout the largest ``|r|`` at any step. :mod:`.quantize`
-chooses each layer's integer scale from these (:class:`Ranges`).
+``-v``; for the readout the largest ``|r|`` at any step; and per projection the
+mean of its source's values over samples and steps. :mod:`.quantize` chooses
+each layer's integer scale from these (:class:`Ranges`) and corrects each bias
+for the mean error of its rounded weights.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
+from csqcfs_deploy.convert.rounding import SecondMoments
 from csqcfs_deploy.errors import GraphError
 from csqcfs_deploy.ir import IFGraph, IFLayer, ReadoutLayer
 from csqcfs_deploy.ir.neuron import per_channel
@@ -73,6 +76,11 @@ class Ranges:
     samples: int
     source: str
     layers: dict[str, LayerRange]
+    #: per projection, the mean of its source's values (*src_shape) over samples and
+    #: steps (the input's real values; spikes' rates): what bias correction needs
+    input_mean: dict[str, npt.NDArray[np.float64]] = field(default_factory=dict)
+    #: per projection, ``E[x x^T]`` of its input features (:mod:`.rounding`), when gathered
+    hessians: dict[str, npt.NDArray[np.float64]] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, object]:
         return {"timesteps": self.timesteps, "presim": self.presim, "samples": self.samples,
@@ -100,8 +108,9 @@ def _channel_max(t: torch.Tensor) -> npt.NDArray[np.float64]:
 
 
 @torch.no_grad()
-def _run_batch(graph: IFGraph, x: torch.Tensor, cfg: RunConfig
-               ) -> tuple[torch.Tensor, dict[str, LayerRange]]:
+def _run_batch(graph: IFGraph, x: torch.Tensor, cfg: RunConfig,
+               moments: SecondMoments | None = None
+               ) -> tuple[torch.Tensor, dict[str, LayerRange], dict[str, torch.Tensor]]:
     order = graph.topological_order()
     names = order[1:]
     steps = cfg.presim + cfg.timesteps
@@ -129,11 +138,16 @@ def _run_batch(graph: IFGraph, x: torch.Tensor, cfg: RunConfig
         if parts:
             from_input[name] = torch.stack(parts).sum(0)
     out: dict[str, torch.Tensor] = {graph.input.name: x}
+    sums: dict[str, torch.Tensor] = {}
     for t in range(1, steps + 1):
         for name in names:
             layer = graph.neuron_group(name)
             a = from_input.get(name)
             for p in graph.incoming(name):
+                total = out[p.src].sum(0)
+                sums[p.name] = total if p.name not in sums else sums[p.name] + total
+                if moments is not None and (t == 1 or p.src != graph.input.name):
+                    moments.add(p.name, out[p.src])
                 if p.src != graph.input.name:
                     part = apply_projection(p, out[p.src])
                     a = part if a is None else a + part
@@ -158,28 +172,36 @@ def _run_batch(graph: IFGraph, x: torch.Tensor, cfg: RunConfig
                 if cfg.presim > 0 and t == cfg.presim:
                     v = torch.zeros_like(v)
             state[name] = v
-    return state[graph.readout.name], ranges
+    return state[graph.readout.name], ranges, sums
 
 
 def float_run(graph: IFGraph, x: torch.Tensor, cfg: RunConfig, source: str = "",
-              batch: int = BATCH) -> FloatRun:
-    """Run the float graph on real inputs ``x`` (N, *input_shape) (see module docstring)."""
+              batch: int = BATCH, second_moments: bool = False) -> FloatRun:
+    """Run the float graph on real inputs ``x`` (N, *input_shape) (see module docstring);
+    ``second_moments``: also gather each projection's ``E[x x^T]`` (:mod:`.rounding`)."""
     if graph.is_integer:
         raise GraphError("float_run takes the float IF graph (before quantization)")
     xs = x.to(torch.float64)
     readouts: list[torch.Tensor] = []
     merged: dict[str, LayerRange] | None = None
+    totals: dict[str, torch.Tensor] = {}
+    moments = (SecondMoments(graph, len(xs), cfg.presim + cfg.timesteps) if second_moments
+               else None)
     for i in range(0, len(xs), batch):
-        r, ranges = _run_batch(graph, xs[i:i + batch], cfg)
+        r, ranges, sums = _run_batch(graph, xs[i:i + batch], cfg, moments)
         readouts.append(r)
         merged = ranges if merged is None else {k: merged[k].merge(v) for k, v in ranges.items()}
+        totals = sums if not totals else {k: totals[k] + v for k, v in sums.items()}
     if merged is None:
         raise GraphError("float_run needs at least one input")
     readout = torch.cat(readouts)
     logits = readout * graph.readout.scale / cfg.timesteps
     preds: npt.NDArray[np.int64] = logits.argmax(dim=1).numpy().astype(np.int64)
+    count = len(xs) * (cfg.presim + cfg.timesteps)
+    means = {k: (v / count).numpy() for k, v in totals.items()}
     return FloatRun(preds, logits, Ranges(cfg.timesteps, cfg.presim, int(len(xs)), source,
-                                          merged))
+                                          merged, means,
+                                          {} if moments is None else moments.result()))
 
 
 def real_input(graph: IFGraph, raw: npt.NDArray[Any]) -> torch.Tensor:

@@ -43,8 +43,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from csqcfs_deploy.convert.calibrate import Ranges
+from csqcfs_deploy.convert.rounding import gptq_round
 from csqcfs_deploy.errors import GraphError, QuantizationError, UsageError
 from csqcfs_deploy.ir import (
     IFGraph,
@@ -57,6 +59,7 @@ from csqcfs_deploy.ir import (
 from csqcfs_deploy.ir.kinds import kind_name, max_abs_output
 from csqcfs_deploy.ir.nodes import Array
 from csqcfs_deploy.ir.profiles import Profile, get_profile
+from csqcfs_deploy.ir.synapses import apply_projection
 
 #: Headroom of calibrated scales over the ranges seen on the calibration data.
 DEFAULT_MARGIN = 2.0
@@ -124,11 +127,19 @@ def _row_max(w: Array) -> Array:
     return rows
 
 
-def _round_weights(w: Array, k: Array, profile: Profile) -> Array:
-    """``round(w * K_c)`` per output channel (axis 0), on the profile's weight step."""
+def _round_weights(w: Array, k: Array, profile: Profile, hessian: Array | None = None
+                   ) -> Array:
+    """``round(w * K_c)`` per output channel (axis 0), on the profile's weight step; with
+    ``hessian`` (the inputs' second moment), error-compensating (:func:`gptq_round`)."""
     shape = (-1,) + (1,) * (w.ndim - 1)
     step = profile.weight_step
-    out: Array = (np.rint(w * k.reshape(shape) / step) * step).astype(np.int64)
+    target = w * k.reshape(shape) / step
+    if hessian is not None and hessian.shape[0] == int(np.prod(w.shape[1:])):
+        q = gptq_round(target.reshape(w.shape[0], -1), hessian,
+                       profile.weight_min // step, profile.weight_max // step)
+        gq: Array = (q.reshape(w.shape) * step).astype(np.int64)
+        return gq
+    out: Array = (np.rint(target) * step).astype(np.int64)
     return out
 
 
@@ -147,7 +158,10 @@ class ScaleOptions:
     weights alone); ``margin``: headroom over those ranges (>= 1); ``factors``:
     per layer, a factor ``f`` in (0, margin]: ``K = min(K_hw, K_cal) * f`` for
     ``f <= 1``, else ``min(K_hw, K_cal * f)`` (``K_hw``: the weight, threshold and bias
-    limits, never exceeded; ``K_cal``: the calibrated ones); ``netx``: also
+    limits, never exceeded; ``K_cal``: the calibrated ones); ``bias_correction``
+    (with ranges): subtract from each bias the mean error its rounded weights add on
+    the calibration data's mean input; ``rounding``: "nearest", or "gptq" (with
+    ranges that hold second moments: :mod:`.rounding`); ``netx``: also
     fit lava-dl netx's form (one threshold per layer with 13-bit bias mantissas
     around it, readout bias ``floor(b / 64)`` in 13 bits).
     """
@@ -156,6 +170,8 @@ class ScaleOptions:
     margin: float = DEFAULT_MARGIN
     factors: tuple[tuple[str, float], ...] = ()
     netx: bool = False
+    bias_correction: bool = True
+    rounding: str = "nearest"
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.margin) and self.margin >= 1.0):
@@ -250,6 +266,16 @@ def _k_limits(layer: IFLayer | ReadoutLayer, row_max: Array, prof: Profile,
     return limits
 
 
+def _mean_error(p: ProjectionT, delta: Array, mean_src: Array) -> Array:
+    """Per output channel (C,), the mean over output positions of the error that weight
+    errors ``delta`` (the float graph's units) add on the mean source values (*src_shape)."""
+    q = dataclasses.replace(p, weight=np.asarray(delta, dtype=np.float64))
+    out = apply_projection(q, torch.from_numpy(np.asarray(mean_src, np.float64))[None])
+    dims = [d for d in range(out.dim()) if d != 1]
+    err: Array = out.mean(dim=dims).numpy() if dims else out[0].numpy()
+    return err
+
+
 def _netx_fit(k: Array, layer: IFLayer, phi: float) -> Array:
     """Scale ``k`` (C,) down so the netx cut ``G_c ~ K_c (1 - phi - b_c)`` spans at most
     :data:`NETX_BIAS_SPAN` (one netx threshold per layer, 13-bit bias mantissas)."""
@@ -332,11 +358,17 @@ def quantize(graph: IFGraph, profile: Profile | str, per_channel: bool | None = 
         w_max_int = 0
         step_bound = 0.0
         for p in projs:
-            w_int = _round_weights(real_w[p.name], k, prof)
+            hess = (opts.ranges.hessians.get(p.name) if opts.ranges is not None
+                    and opts.rounding == "gptq" else None)
+            w_int = _round_weights(real_w[p.name], k, prof, hess)
             shape = (-1,) + (1,) * (w_int.ndim - 1)
             diff = w_int / k.reshape(shape) - real_w[p.name]
             err_num += float(np.sum(diff**2))
             err_den += float(np.sum(real_w[p.name] ** 2))
+            if opts.bias_correction and opts.ranges is not None \
+                    and p.name in opts.ranges.input_mean:
+                per_unit = in_scale if p.src == inp.name else 1.0
+                bias = bias - _mean_error(p, diff / per_unit, opts.ranges.input_mean[p.name])
             w_max_int = max(w_max_int, int(np.abs(w_int).max(initial=0)))
             q = dataclasses.replace(p, weight=w_int)
             new_projs[p.name] = q

@@ -57,6 +57,7 @@ class CalibrationPlan:
     netx: bool = False
     optimize: bool = False
     progress: bool = False
+    rounding: str = "nearest"
 
     def __post_init__(self) -> None:
         if self.timesteps < 1:
@@ -123,8 +124,10 @@ def calibrated_quantize(float_graph: IFGraph, profile: Profile, per_channel: boo
                         ) -> tuple[IFGraph, QuantReport, Calibrated]:
     """Quantize ``float_graph`` with scales calibrated on raw samples (N, *shape)."""
     cfg = plan.config
-    ref = float_run(float_graph, integer_input(float_graph, raw), cfg, source)
-    opts = ScaleOptions(ranges=ref.ranges, margin=plan.margin, netx=plan.netx)
+    ref = float_run(float_graph, integer_input(float_graph, raw), cfg, source,
+                    second_moments=plan.rounding == "gptq")
+    opts = ScaleOptions(ranges=ref.ranges, margin=plan.margin, netx=plan.netx,
+                        rounding=plan.rounding)
     readout = float_graph.readout.name
     rounds: list[tuple[str, ...]] = []
 

@@ -108,7 +108,9 @@ def evaluate(backend: str, graph: IFGraph, raw: NDArray[Any], labels: NDArray[np
              cfg: RunConfig, batch_size: int = 128, options: BackendOptions | None = None,
              progress: bool = True) -> EvalSummary:
     """Run ``backend`` on raw samples (N, *input_shape) in batches of ``batch_size``;
-    accuracy against ``labels`` (N,)."""
+    accuracy against ``labels`` (N,). The wrapped and saturated neuron-steps are summed
+    over the batches (:func:`add_counts`: None once a batch brings none; 0 per layer
+    when no batch ran)."""
     options = options or BackendOptions()
     x_all = input_units(graph, raw)
     preds: list[NDArray[np.int64]] = []
