@@ -157,7 +157,10 @@ def _theta_and_bias(name: str, g: NDArray[np.int64], per_channel: bool
     theta = int(np.clip(round((lo + hi) / 2), 0, THETA_MAX))
     beta = theta - g
     if beta.max() > BIAS_MANT_MAX or beta.min() < BIAS_MANT_MIN:
-        hint = (" (convert with --per-layer-thresholds)" if per_channel else "")
+        hint = ("; export the checkpoint itself with --target lava-netx (its scales are then "
+                "chosen to fit netx), or convert with --per-layer-thresholds" if per_channel
+                else "; export the checkpoint itself with --target lava-netx, which lowers "
+                "this layer's threshold scale until its bias mantissas fit")
         raise QuantizationError(
             f"layer {name}: at T = 1 its thresholds, initial membranes and biases need bias "
             f"mantissas {int(beta.min())}..{int(beta.max())} around one netx threshold, beyond "

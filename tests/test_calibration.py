@@ -9,6 +9,7 @@ the exit codes of the real CLI.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -222,3 +223,27 @@ def test_calibration_record_survives_ifg_and_nir(digits_checkpoint: Path,
     assert back.equals(g)
     save_graph(back, tmp_path / "again.ifg")
     assert load_graph(tmp_path / "again.ifg").equals(g)
+
+
+def test_netx_fit_lowers_scales_until_bias_mantissas_fit(tmp_path: Path) -> None:
+    """Biases spread over -3..3 thresholds: per-channel scales chosen for loihi2 alone
+    need netx bias mantissas beyond 13 bits; fitted for netx, the file is written and
+    the Lava netx run equals the integer simulator at T = 1."""
+    from csqcfs_deploy.exporters.netx import write_netx
+    from csqcfs_deploy.simulators.lava.netx import check_netx
+
+    fr, raw = pixel_net()
+    layer = fr.graph.if_layers[0]
+    spread = dataclasses.replace(layer, bias=np.linspace(-3.0, 3.0, layer.channels))
+    g = fr.graph.replace(layers=tuple(spread if la.name == layer.name else la
+                                      for la in fr.graph.layers))
+    plain, _ = quantize(g, "loihi2")
+    with pytest.raises(QuantizationError, match="beyond netx's 13-bit range"):
+        write_netx(plain, tmp_path / "plain.net")
+    fitted, report, _ = calibrated_quantize(g, get_profile("loihi2"), None, raw, "pixels",
+                                            CalibrationPlan(timesteps=1, netx=True))
+    assert any("netx" in n for la in report.layers for n in la.notes)
+    path = tmp_path / "fit.net"
+    write_netx(fitted, path)
+    check = check_netx(fitted, path, input_units(fitted, raw[:3]))
+    assert check.mismatches == 0 and check.readout_equal

@@ -301,7 +301,7 @@ def quantize(graph: IFGraph, profile: Profile | str, per_channel: bool | None = 
         raise QuantizationError("graph is already quantized (profile "
                                 f"{graph.meta.profile}); convert from the float model")
     if per_channel is None:
-        per_channel = prof.per_channel_threshold and not opts.netx
+        per_channel = prof.per_channel_threshold
     elif per_channel and not prof.per_channel_threshold:
         raise QuantizationError(f"profile {prof.name} allows one threshold per layer only")
     enc = graph.input.encoding
