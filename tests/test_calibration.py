@@ -247,3 +247,22 @@ def test_netx_fit_lowers_scales_until_bias_mantissas_fit(tmp_path: Path) -> None
     write_netx(fitted, path)
     check = check_netx(fitted, path, input_units(fitted, raw[:3]))
     assert check.mismatches == 0 and check.readout_equal
+
+
+def test_optimize_tries_candidates_and_keeps_one_per_layer(
+        digits_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["convert", str(digits_checkpoint), "-o", str(tmp_path / "o.ifg"), "-T", "2",
+                 "--optimize", "--calibration-samples", "48", "--samples", "60",
+                 "--min-agreement", "0", "--json"])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    trials = data["calibrated"]["trials"]
+    layers = [la["name"] for la in data["layers"]]
+    assert sorted({t["layer"] for t in trials}) == sorted(layers)
+    for name in layers:
+        mine = [t for t in trials if t["layer"] == name]
+        assert len(mine) >= 2 and sum(t["kept"] for t in mine) == 1
+        kept = next(t for t in mine if t["kept"])
+        assert all(0.0 <= t["fidelity"] <= 1.0 for t in mine)
+        assert kept["fidelity"] >= max(t["fidelity"] for t in mine
+                                       if t["wrapped"] + t["readout_saturated"] == 0) - 1e-12

@@ -111,10 +111,14 @@ def test_cifar_without_local_copy_is_a_clear_error(tmp_path: Path,
 def test_convert_writes_graph_and_table(digits_checkpoint: Path, tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str], profile: str) -> None:
     out_file = tmp_path / "m.ifg"
+    # 8-bit weights lose a little on this small network at T = 1 (see test_calibration
+    # for the gate's exit 9); the figure is checked here instead
+    gate = ["--min-agreement", "95"]
     code, out, _ = run_cli(["convert", str(digits_checkpoint), "--profile", profile, "--json",
-                            "-o", str(out_file)], capsys)
+                            "-o", str(out_file), *gate], capsys)
     assert code == 0
     data = json.loads(out)
+    assert data["fidelity"]["quantization_fidelity"] >= 0.95
     assert data["profile"] == profile
     assert [la["kind"] for la in data["layers"]] == ["conv", "conv", "conv", "dense", "readout"]
     for la in data["layers"]:
@@ -122,8 +126,8 @@ def test_convert_writes_graph_and_table(digits_checkpoint: Path, tmp_path: Path,
     assert data["check"]["agreement"] >= 0.97
     assert load_graph(out_file).meta.profile == profile
     code, out, _ = run_cli(["convert", str(digits_checkpoint), "--profile", profile,
-                            "-o", str(out_file)], capsys)
-    assert code == 0 and "quant error" in out and "agreement" in out
+                            "-o", str(out_file), *gate], capsys)
+    assert code == 0 and "quant error" in out and "agreement with the source model" in out
 
 
 def test_user_model_converts(user_models: Path, tmp_path: Path,

@@ -212,7 +212,8 @@ def test_run_and_verify_show_the_fold_check(digits_checkpoint: Path,
         code, out, err = _cli([*cmd, str(digits_checkpoint), "--calibration-samples", "32"],
                               capsys)
         assert code == 0, err
-        assert out.startswith(line), out
+        assert out.startswith("fidelity on "), out  # the fidelity figures come first
+        assert f"\n{line}" in out, out
         code, out, err = _cli([*cmd, str(digits_checkpoint), "--calibration-samples", "32",
                                "--json"], capsys)
         assert code == 0, err
@@ -241,7 +242,13 @@ def test_without_data_the_check_runs_on_random_inputs(digits_model: tuple[nn.Mod
     ckpt = save_checkpoint(tmp_path / "m.pt", model, replace(config, dataset=f"data:{gone}"))
     code, out, err = _cli(["convert", str(ckpt), "--calibration-samples", "16",
                            "-o", str(tmp_path / "m.ifg")], capsys)
+    # no test data either: the fidelity gate cannot hold, so nothing is written
+    assert code == 9 and "the gates cannot hold without test data" in err
+    assert not (tmp_path / "m.ifg").exists()
+    code, out, err = _cli(["convert", str(ckpt), "--calibration-samples", "16",
+                           "--min-agreement", "0", "-o", str(tmp_path / "m.ifg")], capsys)
     assert code == 0, err
+    assert "warning: fidelity not measured" in err
     assert "warning: no calibration data" in err and "random inputs" in err
     assert out.startswith("folded graph vs model: 100.00 % agreement on 16 calibration "
                           "samples (float64, random inputs; no data: ")

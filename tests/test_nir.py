@@ -3,6 +3,7 @@ Norse's own NIR reader, plain NIR files, and bad input from the command line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -38,6 +39,7 @@ from csqcfs_deploy.ir import (
     SumPool,
     save_graph,
 )
+from csqcfs_deploy.ir.nodes import CalibrationRecord
 from csqcfs_deploy.ir.profiles import get_profile
 from csqcfs_deploy.ir.schedule import RunConfig
 from csqcfs_deploy.simulators.integer import simulate
@@ -135,8 +137,10 @@ def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
 @pytest.mark.parametrize("profile", PROFILES)
 def test_every_node_type_round_trips_through_a_file(tmp_path: Path, profile: str) -> None:
     g = toy_graph(profile)
-    assert {type(n).__name__ for n in (*g.layers, *g.projections, g.meta)} | {"SumPool"} \
-        == set(NODE_TYPES)
+    g = g.replace(meta=dataclasses.replace(g.meta, calibration=CalibrationRecord(
+        4, 1, 16, "test inputs", 0.995)))
+    assert {type(n).__name__ for n in (*g.layers, *g.projections, g.meta,
+                                       g.meta.calibration)} | {"SumPool"} == set(NODE_TYPES)
     path = write_nir_graph(g, tmp_path / "toy.nir")
     ng = nir.read(path)  # NIR's own reader, with its type check
     assert {type(n).__name__ for n in ng.nodes.values()} >= {

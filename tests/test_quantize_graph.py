@@ -29,6 +29,7 @@ from csqcfs_deploy.ir import (
     load_graph,
     save_graph,
 )
+from csqcfs_deploy.ir.nodes import CalibrationRecord
 from csqcfs_deploy.ir.profiles import PROFILES
 from csqcfs_deploy.run.reference import ann_forward, input_units
 from csqcfs_deploy.train.datasets import CIFAR10_ENCODING
@@ -150,7 +151,10 @@ def tiny_graph_with_every_node(profile: str | None) -> IFGraph:
 @pytest.mark.parametrize("profile", [None, "loihi2", "int8", "int16"])
 def test_save_load_round_trip_of_every_node_type(tmp_path, profile) -> None:  # type: ignore[no-untyped-def]
     g = tiny_graph_with_every_node(profile)
-    used = {type(n).__name__ for n in (*g.layers, *g.projections, g.meta)} | {"SumPool"}
+    g = g.replace(meta=dataclasses.replace(g.meta, calibration=CalibrationRecord(
+        4, 1, 16, "test inputs", 0.995)))
+    used = {type(n).__name__ for n in (*g.layers, *g.projections, g.meta,
+                                       g.meta.calibration)} | {"SumPool"}
     assert used == set(NODE_TYPES)
     path = save_graph(g, tmp_path / "g.ifg")
     back = load_graph(path)
