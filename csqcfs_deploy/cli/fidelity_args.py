@@ -27,8 +27,9 @@ SCALES = ("calibrated", "weights")
 ROUNDINGS = ("nearest", "gptq")
 
 
-def add_scale_args(p: argparse.ArgumentParser) -> None:
-    """How a network's integer scales are chosen (every command that quantizes one)."""
+def add_scale_args(p: argparse.ArgumentParser, rounding: str = "nearest") -> None:
+    """How a network's integer scales are chosen (every command that quantizes one);
+    ``rounding``: the command's default ``--rounding``."""
     p.add_argument("--scales", choices=SCALES, default="calibrated",
                    help="calibrated (default): per-layer scales from the ranges the float SNN "
                    "reaches on the calibration samples at --timesteps/--presim, so that no "
@@ -36,9 +37,9 @@ def add_scale_args(p: argparse.ArgumentParser) -> None:
                    "weights alone (the uncalibrated choice)")
     p.add_argument("--calibration-margin", type=float, default=DEFAULT_MARGIN, metavar="M",
                    help=f"headroom over the calibrated ranges (default {DEFAULT_MARGIN:g})")
-    p.add_argument("--rounding", choices=ROUNDINGS, default="nearest",
-                   help="how weights are rounded: nearest (default), or gptq: error-"
-                   "compensating from the calibration inputs' second moments (slower)")
+    p.add_argument("--rounding", choices=ROUNDINGS, default=rounding,
+                   help="how weights are rounded: nearest, or gptq: error-compensating from "
+                   f"the calibration inputs' second moments (slower); default {rounding}")
     p.add_argument("--optimize", action="store_true",
                    help="try a few scales per layer and keep the best agreement with the "
                    "float IF graph on the calibration samples (prints what it tried)")

@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--presim", "-P", type=int, default=0)
     p.add_argument("--lava-samples", type=int, default=40,
                    help="test samples for Lava (slow: about 3 per second); others use all 360")
-    add_scale_args(p)
+    add_scale_args(p, rounding="gptq")  # cheap on digits-cnn; keeps 8-bit weights closest
     add_gate_args(p)
     add_json_arg(p)
     p.set_defaults(func=run)
