@@ -15,9 +15,13 @@ pre-simulation: at ``T = 1`` each IF layer ``j`` has one counted step
 same spike is ``u + 64 * beta_c > 64 * theta`` for any layer threshold ``theta``
 with ``beta_c = theta - G_c`` (exact, saturation included). The file
 stores ``vThMant = theta`` (centred so the 13-bit bias mantissas ``beta_c`` fit) and
-``bias = beta_c``. The readout is a CUBA layer that never spikes (``vThMant``
-2**17 - 1) whose bias is ``floor(b / 64)``; ``readout_offset = b mod 64`` (stored
-in the file's ``csqcfs_netx`` attribute) added to its membrane gives our readout.
+``bias = beta_c``. The readout is a CUBA layer with ``vThMant`` 2**17 - 1 whose
+bias is ``floor(b / 64)``; ``readout_offset = b mod 64`` (stored in the file's
+``csqcfs_netx`` attribute) added to its membrane gives our readout. It must never
+spike (a CUBA neuron fires when ``v > 131071 << 6 = 8388544`` and is reset to 0):
+a readout whose worst case one step can reach that, wrap or saturate is refused
+(:func:`_check_readout_range`). The IF layers' summed inputs are bounded as for
+the Lava back end (Lava's ``a_in << 6`` in int32, :func:`check_lava_graph`).
 
 The fill reset is netx's own ``reset_interval``/``reset_offset`` (LIFReset,
 block ``i`` resets at step ``reset_offset + 1 + i``): load the file with
@@ -33,7 +37,8 @@ netx has no pooling: sum pools are folded into the next weights as for the
 Lava back end (:mod:`csqcfs_deploy.simulators.lava.layout`); residual (non-chain)
 graphs are refused.
 
-This module plans, writes and reads the file only; running it on Lava and
+This module plans and writes the file; reading it back (probed, checked) is
+:mod:`csqcfs_deploy.exporters.netx_file`; running it on Lava and
 comparing it with the simulator is :mod:`csqcfs_deploy.simulators.lava.netx`, and
 what the command line prints about it is :mod:`csqcfs_deploy.cli.netx_text`.
 """
@@ -51,22 +56,34 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from csqcfs_deploy.errors import InputFileError, QuantizationError, TargetError
-from csqcfs_deploy.files import require_file, write_atomic
+from csqcfs_deploy.errors import QuantizationError, TargetError
+from csqcfs_deploy.exporters.h5write import write_array
+from csqcfs_deploy.exporters.netx_file import (  # noqa: F401 (the read side, re-exported)
+    FORMAT_VERSION,
+    NETX_ATTR,
+    load_kwargs,
+    read_netx_plan,
+)
+from csqcfs_deploy.files import write_atomic
+from csqcfs_deploy.interrupts import deferred_signals
 from csqcfs_deploy.ir import ConvProjection, DenseProjection, IFGraph, IFLayer
 from csqcfs_deploy.ir.kinds import KindTable
 from csqcfs_deploy.ir.neuron import first_step_cut
 from csqcfs_deploy.ir.profiles import Profile, get_profile
 from csqcfs_deploy.simulators.lava.compat import import_lava, import_lava_dl
-from csqcfs_deploy.simulators.lava.layout import check_lava_graph, lava_projection
+from csqcfs_deploy.simulators.lava.layout import (
+    check_lava_graph,
+    lava_projection,
+    source_range,
+    synaptic_input_rows,
+)
 
-NETX_ATTR = "csqcfs_netx"
-FORMAT_VERSION = 1
 UNIT = 64                      # vThMant and bias mantissas are << 6 in a CUBA neuron
 THETA_MAX = 2**17 - 1          # 17-bit unsigned threshold mantissa
 BIAS_MANT_MAX = 2**12 - 1      # 13-bit signed bias mantissa
 BIAS_MANT_MIN = -(2**12)
 CUBA = {"iDecay": 4096, "vDecay": 0, "refDelay": 1}
+WRAP_LIMIT = 2**23             # a CUBA current u wraps when u > 2**23 or u <= -2**23
 
 
 @dataclass(frozen=True)
@@ -118,11 +135,6 @@ class NetxPlan:
             "exact": "T = 1, P = 0: every layer's counted step and the readout",
             "load_kwargs": self.load_kwargs(),
         }
-
-
-def load_kwargs(input_bits: int, depth: int) -> dict[str, int]:
-    """Arguments of ``lava.lib.dl.netx.hdf5.Network`` that make the file run as exported."""
-    return {"input_message_bits": input_bits, "reset_interval": 1 + depth, "reset_offset": 1}
 
 
 @dataclass(frozen=True)
@@ -214,6 +226,35 @@ def _layer_cut(layer: IFLayer, prof: Profile) -> NDArray[np.int64]:
     return first_step_cut(v_th, v_init, bias, prof).numpy()
 
 
+def _check_readout_range(name: str, q: Any, src_range: tuple[int, int],
+                         beta: NDArray[np.int64]) -> None:
+    """Refuse a readout whose netx membrane could fire, wrap or saturate at its step.
+
+    netx's readout is a CUBA neuron that spikes (and is reset to 0) when
+    ``v > vThMant << 6 = 64 * THETA_MAX``; at ``T = 1`` it is read after one step
+    from 0: ``v = wrap(a << 6) + 64 * beta``. It equals our readout only while
+    ``a << 6`` does not wrap and ``|a + beta| <= THETA_MAX`` (no spike, no saturation)
+    for every input the graph takes: bounded here per neuron by
+    :func:`~csqcfs_deploy.simulators.lava.layout.synaptic_input_rows`.
+    """
+    bottom, top = (np.asarray(r, dtype=np.int64) for r in synaptic_input_rows(q, *src_range))
+    if bottom.size != beta.size:       # per channel rows: bound with the extreme biases
+        bottom, top = np.full(beta.size, bottom.min()), np.full(beta.size, top.max())
+    no_wrap = (UNIT * top <= WRAP_LIMIT) & (UNIT * bottom > -WRAP_LIMIT)
+    high, low = top + beta, bottom + beta
+    if np.all(no_wrap) and high.max(initial=0) <= THETA_MAX and low.min(initial=0) >= -THETA_MAX:
+        return
+    worst = int(max(high.max(), -low.min())) * UNIT
+    reach = (f"one step's input can wrap the current ({int(max(top.max(), -bottom.min()))} "
+             f"x 64 beyond 2**23)" if not np.all(no_wrap)
+             else f"its membrane can reach {'-' if -low.min() > high.max() else ''}{worst}")
+    raise QuantizationError(
+        f"readout {name}: at T = 1 {reach}, but netx's CUBA readout fires and resets to 0 "
+        f"when v > {UNIT * THETA_MAX} (vThMant {THETA_MAX} << 6), so the file would not be "
+        "exact; lower the readout's scale (convert with a larger --calibration-margin) or "
+        "export NIR")
+
+
 def plan_netx(graph: IFGraph) -> NetxPlan:
     """The netx layers of ``graph`` (loihi2, a chain); raises what cannot be exported."""
     check_lava_graph(graph)
@@ -239,6 +280,7 @@ def plan_netx(graph: IFGraph) -> NetxPlan:
             theta = THETA_MAX
             if beta.max(initial=0) > BIAS_MANT_MAX or beta.min(initial=0) < BIAS_MANT_MIN:
                 raise QuantizationError(f"readout {name}: bias beyond netx's 13-bit mantissa")
+            _check_readout_range(name, q, source_range(graph, p.src), beta)
         layers.append(_BLOCKS.lookup(q)(name, q, layer.shape, theta, beta, src_shape))
     return NetxPlan(tuple(graph.input.shape), prof.input_bits, tuple(layers), readout_offset,
                     source=graph.meta.arch)
@@ -281,8 +323,8 @@ def _write(path: Path, plan: NetxPlan) -> None:
             g = group()
             _string(g, "type", la.kind)
             g.create_dataset("shape", data=np.asarray(la.shape))
-            g.create_dataset("weight", data=la.weight)
-            g.create_dataset("bias", data=la.bias_mant)
+            write_array(g, "weight", la.weight)
+            write_array(g, "bias", la.bias_mant)
             if la.kind == "conv":
                 g.create_dataset("inChannels", data=la.weight.shape[1] * la.groups)
                 g.create_dataset("outChannels", data=la.weight.shape[0])
@@ -294,26 +336,16 @@ def _write(path: Path, plan: NetxPlan) -> None:
             _neuron(g, la.theta_mant)
 
 
+def _write_interruptibly(path: Path, plan: NetxPlan) -> None:
+    """:func:`_write` with Ctrl-C and SIGTERM checked between slices of the weights."""
+    with deferred_signals():
+        _write(path, plan)
+
+
 def write_netx(graph: IFGraph, path: str | Path) -> NetxExport:
     """Write ``graph`` as a netx HDF5 file (atomically); see the module docstring."""
     import_lava_dl("lava.lib.dl.netx.utils")
     plan = plan_netx(graph)
-    out = write_atomic(path, lambda tmp: _write(tmp, plan))
+    out = write_atomic(path, lambda tmp: _write_interruptibly(tmp, plan))
     return NetxExport(out, plan)
 
-
-def read_netx_plan(path: str | Path) -> dict[str, Any]:
-    """The ``csqcfs_netx`` description of a file written by :func:`write_netx`."""
-    p = require_file(path, "netx file")
-    try:
-        with h5py.File(p, "r") as f:
-            text = f.attrs.get(NETX_ATTR)
-    except OSError as exc:
-        raise InputFileError(f"{p} is not an HDF5 file ({exc})") from None
-    if text is None:
-        raise InputFileError(f"{p} was not written by csqcfs-deploy (no {NETX_ATTR} attribute)")
-    meta: dict[str, Any] = json.loads(text)
-    if meta.get("version") != FORMAT_VERSION:
-        raise InputFileError(f"{p}: netx description version {meta.get('version')!r} is not "
-                             f"supported")
-    return meta

@@ -158,7 +158,7 @@ def _bad_inputs(tmp: Path, ckpt: Path) -> dict[str, tuple[list[str], str]]:
     return {
         "missing": ([str(tmp / "nope.pt")], "error: model file not found"),
         "truncated": ([str(truncated)], "error: "),
-        "not a checkpoint": ([str(text)], "is not a readable checkpoint"),
+        "not a checkpoint": ([str(text)], "is not a PyTorch checkpoint"),
         "plain dict": ([str(plain)], "is not a csqcfs-deploy checkpoint"),
         "nan": ([str(nan)], "contains a non-finite value (nan)"),
         "maxpool": (["--model", "usermodels_csqcfs:maxpooled"],

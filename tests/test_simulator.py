@@ -567,9 +567,10 @@ def test_recording_memory_is_checked_and_named(digits_graphs: dict[str, IFGraph]
     g = digits_graphs["int8"]
     cfg = RunConfig(4, 4, record=True)
     need = recording_bytes(g, cfg, 100)
-    assert check_recording_memory(g, cfg, 100) == need
-    monkeypatch.setattr(memory, "available_memory_bytes", lambda: need)
-    with pytest.raises(UsageError, match=r"needs 4\.0 MiB.*smaller batch"):
+    peak = memory.recording_run_bytes(g, cfg, 100)  # the recording and the working tensors
+    assert check_recording_memory(g, cfg, 100) == peak > need
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: peak)
+    with pytest.raises(UsageError, match=r"needs up to .* MiB.*smaller batch"):
         simulate(g, torch.zeros((100, 1, 8, 8), dtype=torch.int64), cfg)
     tenth = simulate(g, torch.zeros((10, 1, 8, 8), dtype=torch.int64), cfg)  # a tenth fits
     # the estimate is what a recording really holds: measure the 10-sample one (P + T = 8)
@@ -652,16 +653,10 @@ def test_cli_sweep_of_a_graph_file_has_no_float_ann(digits_ifg: Path,
 
 
 @pytest.mark.parametrize(("argv", "message", "code"), [
-    (["sweep", "{ifg}", "--timesteps", "1,x"], "--timesteps must be comma-separated", 8),
-    (["sweep", "{ifg}", "--timesteps", "0,1"], "--timesteps must be >= 1", 8),
-    (["sweep", "{ifg}", "--presim", "-1"], "--presim must be >= 0", 8),
     (["sweep", "{ifg}", "--plot", "{tmp}/a.pdf"], "give a .png file name", 8),
     (["sweep", "{ifg}", "--plot", "{tmp}/missing/a.png", "--samples", "5", "--timesteps",
       "1"], "output directory does not exist", 2),
     (["sweep", "{tmp}/nothing.pt"], "model file not found", 2),
-    (["run", "{ifg}", "--timesteps", "0"], "timesteps must be >= 1", 8),
-    (["run", "{ifg}", "--presim", "-2"], "presim must be >= 0", 8),
-    (["run", "{ifg}", "--batch-size", "0"], "--batch-size must be >= 1", 8),
     (["run", "{ifg}", "--profile", "int8"], "quantized for profile loihi2", 8),
 ])
 def test_cli_bad_input_is_one_line_and_a_nonzero_exit(

@@ -21,6 +21,7 @@ import argparse
 
 import numpy as np
 
+from csqcfs_deploy.cli.arg_types import positive_int
 from csqcfs_deploy.cli.model_io import LoadedModel
 from csqcfs_deploy.errors import DatasetError, UsageError
 from csqcfs_deploy.ir import InputEncoding
@@ -54,7 +55,7 @@ def add_dataset_args(parser: argparse.ArgumentParser, default_help: str | None =
                         help="your own data: arrays x (N, C, H, W or N, H, W; raw values) and "
                         "y (N,) integer labels, optionally x_train/y_train (instead of "
                         "--dataset)")
-    parser.add_argument("--classes", type=int, default=None, metavar="N",
+    parser.add_argument("--classes", type=positive_int, default=None, metavar="N",
                         help="number of classes of --data (default: largest label + 1)")
     parser.add_argument("--mean", metavar="M[,M,...]",
                         help="normalisation mean of raw/raw_max, one value or one per channel "

@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 from rich.console import Console
 
+from csqcfs_deploy.cli.arg_types import float_in, percent
 from csqcfs_deploy.cli.model_io import LoadedModel, warn
 from csqcfs_deploy.convert.quantize import DEFAULT_MARGIN
 from csqcfs_deploy.ir.schedule import RunConfig
@@ -35,7 +36,8 @@ def add_scale_args(p: argparse.ArgumentParser, rounding: str = "nearest") -> Non
                    "reaches on the calibration samples at --timesteps/--presim, so that no "
                    "current wraps and the readout does not saturate; weights: from the "
                    "weights alone (the uncalibrated choice)")
-    p.add_argument("--calibration-margin", type=float, default=DEFAULT_MARGIN, metavar="M",
+    p.add_argument("--calibration-margin", type=float_in(1.0), default=DEFAULT_MARGIN,
+                   metavar="M",
                    help=f"headroom over the calibrated ranges (default {DEFAULT_MARGIN:g})")
     p.add_argument("--rounding", choices=ROUNDINGS, default=rounding,
                    help="how weights are rounded: nearest, or gptq: error-compensating from "
@@ -47,10 +49,10 @@ def add_scale_args(p: argparse.ArgumentParser, rounding: str = "nearest") -> Non
 
 def add_gate_args(p: argparse.ArgumentParser) -> None:
     """The fidelity gates (exit 9 when one fails)."""
-    p.add_argument("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT, metavar="PCT",
+    p.add_argument("--min-agreement", type=percent, default=DEFAULT_MIN_AGREEMENT, metavar="PCT",
                    help="least quantization fidelity (integer SNN vs float IF graph), percent; "
                    f"exit 9 below it (default {DEFAULT_MIN_AGREEMENT:g})")
-    p.add_argument("--min-source-agreement", type=float, default=None, metavar="PCT",
+    p.add_argument("--min-source-agreement", type=percent, default=None, metavar="PCT",
                    help="least agreement of the integer SNN with your float ANN, percent "
                    "(default: not gated)")
 
@@ -59,6 +61,8 @@ def _largest(value: object, default: int) -> int:
     """An int option, or the largest of a comma-separated list (``sweep -T 1,2,4``)."""
     if value is None:
         return default
+    if isinstance(value, tuple):  # sweep's lists, parsed (cli.arg_types.step_list)
+        return max(value, default=default)
     if isinstance(value, str):
         try:
             return max(int(v) for v in value.split(",") if v.strip())

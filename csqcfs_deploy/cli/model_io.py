@@ -28,10 +28,17 @@ from torch import nn
 from csqcfs_deploy.convert.check import DEFAULT_SAMPLES, FoldCheck, check_fold
 from csqcfs_deploy.convert.fold import FoldResult, fold
 from csqcfs_deploy.convert.quantize import QuantReport, ScaleOptions, check_profile, quantize
-from csqcfs_deploy.errors import DatasetError, FoldMismatch, InputFileError, UsageError
+from csqcfs_deploy.errors import (
+    DatasetError,
+    FoldMismatch,
+    InputFileError,
+    QuantizationError,
+    UsageError,
+)
 from csqcfs_deploy.files import require_file
 from csqcfs_deploy.ir import IFGraph, InputEncoding, load_graph
 from csqcfs_deploy.ir.nodes import CalibrationRecord
+from csqcfs_deploy.ir.npz import ARCHIVE_ERRORS
 from csqcfs_deploy.ir.profiles import get_profile
 from csqcfs_deploy.run.calibration import Calibrated, CalibrationPlan, calibrated_quantize
 from csqcfs_deploy.train.checkpoint import ModelConfig, load_checkpoint, load_user_model
@@ -166,7 +173,8 @@ def run_fold_check(model: nn.Module, folded: FoldResult, config: ModelConfig,
 
 
 def file_kind(path: Path) -> str:
-    """'ifg', 'nir' or 'checkpoint' from the first bytes of the file."""
+    """'ifg', 'nir' or 'checkpoint' from the first bytes of the file; a ``.ifg`` or
+    ``.nir`` name on other content (empty, random) is refused as not that kind."""
     with path.open("rb") as fh:
         head = fh.read(8)
     if head.startswith(HDF5_MAGIC):
@@ -176,8 +184,16 @@ def file_kind(path: Path) -> str:
             with zipfile.ZipFile(path) as zf:
                 if "__manifest__.npy" in zf.namelist():
                     return "ifg"
-        except zipfile.BadZipFile:
+        except ARCHIVE_ERRORS:
             raise InputFileError(f"{path} is a truncated or corrupt archive") from None
+    content = ("it is empty" if not head else "a zip archive without a graph manifest"
+               if head.startswith(ZIP_MAGIC) else "unrecognised content")
+    if path.suffix.lower() == ".ifg":
+        raise InputFileError(f"{path} is not a .ifg graph file ({content})")
+    if path.suffix.lower() == ".nir":
+        raise InputFileError(f"{path} is not an HDF5/NIR file (no HDF5 signature: {content})")
+    if not head:
+        raise InputFileError(f"{path} is empty (expected a checkpoint, .ifg or .nir file)")
     return "checkpoint"
 
 
@@ -244,7 +260,10 @@ def load_model(path: str | Path | None, profile: str | None = None,
     if kind == "ifg":
         graph = load_graph(p)
         _check_profile_arg(graph, profile, p)
-        check_profile(graph)
+        try:
+            check_profile(graph)
+        except QuantizationError as exc:
+            raise QuantizationError(f"{p}: {exc}") from None
         return LoadedModel(graph, p, kind)
     if kind == "nir":
         from csqcfs_deploy.exporters.nir import read_nir_graph

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,6 +10,14 @@ import numpy as np
 import numpy.typing as npt
 
 from csqcfs_deploy.errors import DatasetError
+
+
+def _finite(value: object) -> bool:
+    """True for a finite real number (not a bool, a string or NaN/Inf)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+            value, (int, float, np.integer, np.floating)):
+        return False
+    return math.isfinite(float(value))
 
 
 @dataclass(frozen=True)
@@ -28,14 +37,17 @@ class InputEncoding:
     bits: int = 8
 
     def __post_init__(self) -> None:
-        if self.raw_max <= 0:
-            raise DatasetError(f"raw_max must be > 0, got {self.raw_max}")
+        if not _finite(self.raw_max) or self.raw_max <= 0:
+            raise DatasetError(f"raw_max must be a finite number > 0, got {self.raw_max!r}")
         if len(self.mean) != len(self.std) or not self.mean:
             raise DatasetError("mean and std need one value per channel")
-        if any(s <= 0 for s in self.std):
-            raise DatasetError(f"std must be > 0, got {self.std}")
-        if not 2 <= self.bits <= 24:
-            raise DatasetError(f"input bits must be in 2..24, got {self.bits}")
+        if not all(_finite(m) for m in self.mean):
+            raise DatasetError(f"mean must be finite numbers, got {self.mean!r}")
+        if not all(_finite(s) and s > 0 for s in self.std):
+            raise DatasetError(f"std must be finite numbers > 0, got {self.std!r}")
+        if isinstance(self.bits, bool) or not isinstance(self.bits, (int, np.integer)) \
+                or not 2 <= self.bits <= 24:
+            raise DatasetError(f"input bits must be an integer in 2..24, got {self.bits!r}")
 
     @property
     def signed(self) -> bool:
@@ -105,5 +117,5 @@ class InputEncoding:
                 std=tuple(float(v) for v in data["std"]),  # type: ignore[attr-defined]
                 bits=int(data.get("bits", 8)),  # type: ignore[call-overload]
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DatasetError(f"malformed input encoding {data!r}: {exc}") from None
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            raise DatasetError(f"malformed input encoding {data!r:.200}: {exc}") from None

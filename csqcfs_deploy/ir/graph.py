@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from csqcfs_deploy.errors import GraphError
+from csqcfs_deploy.ir.fields import MAX_GRAPH_NEURONS, check_neurons
 from csqcfs_deploy.ir.kinds import PROJECTION_KINDS, ProjectionT
 from csqcfs_deploy.ir.nodes import (
     GraphMeta,
@@ -17,6 +19,11 @@ from csqcfs_deploy.ir.nodes import (
     ReadoutLayer,
     set_field,
 )
+from csqcfs_deploy.ir.profiles import PROFILES
+
+#: Most layers plus projections in one graph.
+MAX_NODES = 4096
+LAYER_KINDS = (InputLayer, IFLayer, ReadoutLayer)
 
 # --------------------------------------------------------------------------- graph
 
@@ -31,8 +38,7 @@ class IFGraph(Node):
     _by_name: dict[str, Layer | ProjectionT] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        set_field(self, "layers", tuple(self.layers))
-        set_field(self, "projections", tuple(self.projections))
+        self._check_node_types()
         by_name: dict[str, Layer | ProjectionT] = {}
         for node in (*self.layers, *self.projections):
             if node.name in by_name:
@@ -62,6 +68,39 @@ class IFGraph(Node):
             if not isinstance(la, InputLayer) and not self.incoming(la.name):
                 raise GraphError(f"layer {la.name} has no incoming projection")
         self.topological_order()  # raises on a cycle
+        self._check_weight_exps()
+
+    def _check_node_types(self) -> None:
+        """Layers, projections and meta of the right classes, within :data:`MAX_NODES`."""
+        for f in ("layers", "projections"):
+            value = getattr(self, f)
+            if not isinstance(value, (tuple, list)):
+                raise GraphError(f"graph {f} must be a sequence, got {type(value).__name__}")
+            set_field(self, f, tuple(value))
+        if len(self.layers) + len(self.projections) > MAX_NODES:
+            raise GraphError(f"graph has {len(self.layers) + len(self.projections)} nodes, "
+                             f"more than the limit of {MAX_NODES}")
+        for la in self.layers:
+            if not isinstance(la, LAYER_KINDS):
+                raise GraphError(f"graph layers: {type(la).__name__} is not a layer")
+        for p in self.projections:
+            if not isinstance(p, PROJECTION_KINDS):
+                raise GraphError(f"graph projections: {type(p).__name__} is not a projection")
+        if not isinstance(self.meta, GraphMeta):
+            raise GraphError(f"graph meta: {type(self.meta).__name__} is not a GraphMeta")
+        check_neurons(sum(math.prod(la.shape) for la in self.layers), "graph",
+                      MAX_GRAPH_NEURONS)
+
+    def _check_weight_exps(self) -> None:
+        """Every weight exponent within the profile's range (an integer graph)."""
+        if self.meta.profile is None:
+            return
+        prof = PROFILES[self.meta.profile]
+        for p in self.projections:
+            if not prof.weight_exp_min <= p.weight_exp <= prof.weight_exp_max:
+                raise GraphError(f"projection {p.name}: weight_exp {p.weight_exp} outside "
+                                 f"profile {prof.name}'s range {prof.weight_exp_min}.."
+                                 f"{prof.weight_exp_max}")
 
     # ---- lookup ----------------------------------------------------------
     def node(self, name: str) -> Layer | ProjectionT:

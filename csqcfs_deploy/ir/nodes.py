@@ -33,50 +33,35 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
-import numpy.typing as npt
 
-from csqcfs_deploy.errors import GraphError
+from csqcfs_deploy.errors import DatasetError, GraphError
 from csqcfs_deploy.ir.encoding import InputEncoding
+from csqcfs_deploy.ir.fields import (
+    MAX_LAYER_NEURONS,
+    MAX_LEVELS,
+    MAX_STEPS,
+    MAX_TEXT_CHARS,
+    MAX_WEIGHT_EXP,
+    as_array,
+    as_float,
+    as_floats,
+    as_int,
+    as_pair,
+    as_shape,
+    as_str,
+    check_neurons,
+)
+from csqcfs_deploy.ir.fields import Array as Array  # re-exported: the nodes' array type
+from csqcfs_deploy.ir.profiles import PROFILES
 
 NODE_TYPES: dict[str, type] = {}
 _T = TypeVar("_T", bound=type)
-
-#: A node's numeric array: int64 in an integer graph, float64 in a float graph.
-Array = npt.NDArray[Any]
 
 
 def register(cls: _T) -> _T:
     """Add a node class to the registry that drives save and load."""
     NODE_TYPES[cls.__name__] = cls
     return cls
-
-
-def as_shape(value: Any, what: str) -> tuple[int, ...]:
-    """``value`` as a non-empty tuple of positive ints (GraphError naming ``what``)."""
-    try:
-        shape = tuple(int(d) for d in value)
-    except TypeError:
-        raise GraphError(f"{what} must be a sequence of ints, got {value!r}") from None
-    if not shape or any(d < 1 for d in shape):
-        raise GraphError(f"{what} must be non-empty with positive sizes, got {shape}")
-    return shape
-
-
-def as_array(value: Any, what: str, ndim: int | None = None) -> Array:
-    """``value`` as a read-only int64 (integers) or finite float64 array of ``ndim`` dims."""
-    arr = np.asarray(value)
-    if arr.dtype.kind not in "iuf":
-        raise GraphError(f"{what} must be numeric, got dtype {arr.dtype}")
-    if arr.dtype.kind in "iu":
-        arr = arr.astype(np.int64)
-    else:
-        arr = arr.astype(np.float64)
-        if not np.all(np.isfinite(arr)):
-            raise GraphError(f"{what} contains a non-finite value")
-    if ndim is not None and arr.ndim != ndim:
-        raise GraphError(f"{what} must have {ndim} dimensions, got shape {arr.shape}")
-    arr.setflags(write=False)
-    return arr
 
 
 def set_field(obj: object, name: str, value: Any) -> None:
@@ -128,13 +113,19 @@ class InputLayer(Node):
     bits: int
 
     def __post_init__(self) -> None:
-        set_field(self, "shape", as_shape(self.shape, f"input {self.name} shape"))
-        set_field(self, "mean", tuple(float(m) for m in self.mean))
-        set_field(self, "std", tuple(float(s) for s in self.std))
-        if not self.scale > 0:
-            raise GraphError(f"input {self.name}: scale must be > 0, got {self.scale}")
+        where = f"input {as_str(self.name, 'input layer name')}"
+        set_field(self, "shape", as_shape(self.shape, f"{where} shape"))
+        set_field(self, "scale", as_float(self.scale, f"{where} scale", positive=True))
+        set_field(self, "raw_max", as_float(self.raw_max, f"{where} raw_max", positive=True))
+        set_field(self, "mean", as_floats(self.mean, f"{where} mean"))
+        set_field(self, "std", as_floats(self.std, f"{where} std", positive=True))
+        set_field(self, "bits", as_int(self.bits, f"{where} bits", 2, 24))
         if len(self.mean) != self.shape[0] or len(self.std) != self.shape[0]:
-            raise GraphError(f"input {self.name}: mean/std need {self.shape[0]} values")
+            raise GraphError(f"{where}: mean/std need {self.shape[0]} values")
+        try:
+            InputEncoding(self.raw_max, self.mean, self.std, self.bits)
+        except DatasetError as exc:
+            raise GraphError(f"{where}: {exc}") from None
 
     @property
     def channels(self) -> int:
@@ -168,6 +159,7 @@ class IFLayer(Node):
     reset: str = "subtract"
 
     def __post_init__(self) -> None:
+        as_str(self.name, "layer name")
         set_field(self, "shape", as_shape(self.shape, f"layer {self.name} shape"))
         c = self.shape[0]
         for f in ("v_th", "v_init", "bias", "threshold_real"):
@@ -181,8 +173,9 @@ class IFLayer(Node):
             raise GraphError(
                 f"layer {self.name}: non-positive real threshold {self.threshold_real.min()}"
             )
-        if self.reset not in self.RESETS:
-            raise GraphError(f"layer {self.name}: reset must be one of {self.RESETS}")
+        if not isinstance(self.reset, str) or self.reset not in self.RESETS:
+            raise GraphError(f"layer {self.name}: reset must be one of {self.RESETS}, "
+                             f"got {self.reset!r}")
 
     @property
     def channels(self) -> int:
@@ -208,6 +201,7 @@ class ReadoutLayer(Node):
     scale: float
 
     def __post_init__(self) -> None:
+        as_str(self.name, "readout name")
         set_field(self, "shape", as_shape(self.shape, f"readout {self.name} shape"))
         if len(self.shape) != 1:
             raise GraphError(f"readout {self.name} must be 1-D, got {self.shape}")
@@ -215,8 +209,7 @@ class ReadoutLayer(Node):
         if arr.shape != self.shape:
             raise GraphError(f"readout {self.name}: bias shape {arr.shape} != {self.shape}")
         set_field(self, "bias", arr)
-        if not self.scale > 0:
-            raise GraphError(f"readout {self.name}: scale must be > 0")
+        set_field(self, "scale", as_float(self.scale, f"readout {self.name} scale", positive=True))
 
     @property
     def channels(self) -> int:
@@ -238,6 +231,13 @@ def window_out(size: int, k: int, s: int, p: int) -> int:
     return (size + 2 * p - k) // s + 1
 
 
+def check_padded(shape: tuple[int, ...], padding: tuple[int, int], what: str) -> None:
+    """GraphError when the zero-padded (C, H, W) plane a window slides over is too big."""
+    c, h, w = shape
+    check_neurons(c * (h + 2 * padding[0]) * (w + 2 * padding[1]),
+                  f"{what}: the zero-padded input {shape} + padding {padding}")
+
+
 @register
 @dataclass(frozen=True, eq=False)
 class SumPool(Node):
@@ -248,15 +248,9 @@ class SumPool(Node):
     padding: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
-        for f in ("kernel", "stride"):
-            val = tuple(int(v) for v in getattr(self, f))
-            if len(val) != 2 or min(val) < 1:
-                raise GraphError(f"sum pool {f} must be two positive ints, got {val}")
-            set_field(self, f, val)
-        pad = tuple(int(v) for v in self.padding)
-        if len(pad) != 2 or min(pad) < 0:
-            raise GraphError(f"sum pool padding must be two ints >= 0, got {pad}")
-        set_field(self, "padding", pad)
+        set_field(self, "kernel", as_pair(self.kernel, "sum pool kernel", 1))
+        set_field(self, "stride", as_pair(self.stride, "sum pool stride", 1))
+        set_field(self, "padding", as_pair(self.padding, "sum pool padding", 0))
 
     @property
     def window(self) -> int:
@@ -266,6 +260,7 @@ class SumPool(Node):
         if len(shape) != 3:
             raise GraphError(f"sum pool needs a (C, H, W) input, got {shape}")
         c, h, w = shape
+        check_padded(shape, self.padding, f"sum pool {self.kernel}")
         oh = window_out(h, self.kernel[0], self.stride[0], self.padding[0])
         ow = window_out(w, self.kernel[1], self.stride[1], self.padding[1])
         if oh < 1 or ow < 1:
@@ -300,8 +295,16 @@ class Projection(Node):
         raise NotImplementedError(f"{type(self).__name__} does not define out_shape")
 
     def _check_common(self, ndim: int) -> None:
-        set_field(self, "weight", as_array(self.weight, f"projection {self.name} weight", ndim))
-        set_field(self, "weight_exp", int(self.weight_exp))
+        """Validate the fields every kind has; ``ndim``: the weight's dimensions."""
+        as_str(self.name, "projection name")
+        for end in ("src", "dst"):
+            as_str(getattr(self, end), f"projection {self.name} {end}")
+        weight = as_array(self.weight, f"projection {self.name} weight", ndim)
+        if 0 in weight.shape:
+            raise GraphError(f"projection {self.name}: empty weight of shape {weight.shape}")
+        set_field(self, "weight", weight)
+        set_field(self, "weight_exp", as_int(self.weight_exp, f"projection {self.name} "
+                                             "weight_exp", -MAX_WEIGHT_EXP, MAX_WEIGHT_EXP))
         if self.pool is not None and not isinstance(self.pool, SumPool):
             raise GraphError(f"projection {self.name}: pool must be a SumPool")
 
@@ -331,12 +334,12 @@ class CalibrationRecord(Node):
     fidelity: float
 
     def __post_init__(self) -> None:
-        for f in ("timesteps", "presim", "samples"):
-            set_field(self, f, int(getattr(self, f)))
-        set_field(self, "fidelity", float(self.fidelity))
-        if self.timesteps < 1 or self.presim < 0 or self.samples < 1:
-            raise GraphError(f"calibration record: T {self.timesteps}, P {self.presim}, "
-                             f"{self.samples} samples out of range")
+        set_field(self, "timesteps", as_int(self.timesteps, "calibration timesteps", 1,
+                                            MAX_STEPS))
+        set_field(self, "presim", as_int(self.presim, "calibration presim", 0, MAX_STEPS))
+        set_field(self, "samples", as_int(self.samples, "calibration samples", 1))
+        as_str(self.source, "calibration source", MAX_TEXT_CHARS)
+        set_field(self, "fidelity", as_float(self.fidelity, "calibration fidelity"))
         if not 0.0 <= self.fidelity <= 1.0:
             raise GraphError(f"calibration record: fidelity {self.fidelity} not in 0..1")
 
@@ -360,10 +363,16 @@ class GraphMeta(Node):
     calibration: CalibrationRecord | None = None
 
     def __post_init__(self) -> None:
-        if int(self.levels) < 1:
-            raise GraphError(f"levels must be >= 1, got {self.levels}")
-        set_field(self, "levels", int(self.levels))
-        set_field(self, "phi", float(self.phi))
+        set_field(self, "levels", as_int(self.levels, "graph levels", 1, MAX_LEVELS))
+        set_field(self, "phi", as_float(self.phi, "graph phi"))
+        if self.profile is not None and (not isinstance(self.profile, str)
+                                         or self.profile not in PROFILES):
+            raise GraphError(f"graph profile {self.profile!r} is not one of "
+                             f"{', '.join(sorted(PROFILES))}")
+        as_str(self.arch, "graph arch", MAX_TEXT_CHARS)
+        as_str(self.notes, "graph notes", MAX_TEXT_CHARS)
+        set_field(self, "num_classes", as_int(self.num_classes, "graph num_classes", 0,
+                                              MAX_LAYER_NEURONS))
         if self.calibration is not None and not isinstance(self.calibration,
                                                            CalibrationRecord):
             raise GraphError("graph meta: calibration must be a CalibrationRecord")

@@ -20,7 +20,10 @@ unchanged), synaptic input is shifted left by 6, the current wraps once at
 voltage saturates at +-(2**23 - 1), the threshold is a 17-bit unsigned mantissa
 shifted left by 6 and the bias a 13-bit signed mantissa shifted left by a 3-bit
 exponent (0..7). The quantizer only emits ``weight_exp = 0`` because Lava's
-fixed-point ``Conv`` model ignores the weight exponent.
+fixed-point ``Conv`` model ignores the weight exponent; a graph read from a file may
+carry one within the profile's ``weight_exp_min..weight_exp_max`` (loihi2: -8..7,
+Loihi's 4-bit signed weight exponent; Lava's Python model would take any int, the
+chip does not).
 
 ``int8`` / ``int16`` are ideal integer IF neurons: that many weight bits, no
 current stage, a 32-bit saturating membrane and a ``>=`` comparison.
@@ -52,6 +55,8 @@ class Profile:
     strict: bool              # True: spike when v > v_th; False: v >= v_th
     per_channel_threshold: bool
     input_bits: int           # width of the integer input (graded spikes)
+    weight_exp_min: int       # a projection's weight_exp range (inclusive)
+    weight_exp_max: int
 
     # ---- ranges -----------------------------------------------------------
     @property
@@ -141,21 +146,21 @@ PROFILES: dict[str, Profile] = {
         description="lava-nc fixed point: 8-bit weights (x2), <<6, 24-bit wrap/sat, v > th",
         weight_bits=8, weight_step=2, act_shift=6, current_bits=24, voltage_bits=24,
         threshold_mant_bits=17, bias_mant_bits=13, bias_exp_max=7, strict=True,
-        per_channel_threshold=True, input_bits=8,
+        per_channel_threshold=True, input_bits=8, weight_exp_min=-8, weight_exp_max=7,
     ),
     "int8": Profile(
         name="int8",
         description="ideal integer IF: 8-bit weights, 32-bit membrane, v >= th",
         weight_bits=8, weight_step=1, act_shift=0, current_bits=None, voltage_bits=32,
         threshold_mant_bits=31, bias_mant_bits=32, bias_exp_max=0, strict=False,
-        per_channel_threshold=True, input_bits=8,
+        per_channel_threshold=True, input_bits=8, weight_exp_min=-31, weight_exp_max=31,
     ),
     "int16": Profile(
         name="int16",
         description="ideal integer IF: 16-bit weights, 32-bit membrane, v >= th",
         weight_bits=16, weight_step=1, act_shift=0, current_bits=None, voltage_bits=32,
         threshold_mant_bits=31, bias_mant_bits=32, bias_exp_max=0, strict=False,
-        per_channel_threshold=True, input_bits=16,
+        per_channel_threshold=True, input_bits=16, weight_exp_min=-31, weight_exp_max=31,
     ),
 }
 

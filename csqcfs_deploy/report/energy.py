@@ -18,6 +18,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from csqcfs_deploy.errors import InputFileError, UsageError
 from csqcfs_deploy.files import require_file
@@ -38,15 +39,48 @@ class EnergyConstants:
     neuron_inactive_pj: float = 0.0
 
     def __post_init__(self) -> None:
-        for field_name in ("sop_pj", "neuron_active_pj", "neuron_inactive_pj"):
-            value = getattr(self, field_name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise UsageError(f"energy set {self.name!r}: {field_name} must be a finite "
-                                 f"number >= 0, got {value!r}")
-        if self.mac_pj is not None and not (math.isfinite(self.mac_pj) and self.mac_pj >= 0):
-            raise UsageError(f"energy set {self.name!r}: mac_pj must be >= 0")
-        if not self.source.strip():
-            raise UsageError(f"energy set {self.name!r} needs a source")
+        problem = constants_problem(self.__dict__)
+        if problem is not None:
+            raise UsageError(f"energy set {self.name!r}: {problem}")
+
+
+#: energies per operation a set gives (pJ); mac_pj may be null (no MAC energy known)
+ENERGY_FIELDS = ("sop_pj", "mac_pj", "neuron_active_pj", "neuron_inactive_pj")
+#: largest energy file read (a constant set is a few hundred bytes)
+MAX_ENERGY_FILE_BYTES = 1 << 20
+
+
+def _is_energy(value: object) -> bool:
+    """A finite number >= 0: an int or a float, not a bool (``True`` is an int)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value)) and value >= 0
+    except OverflowError:  # an int beyond float's range
+        return False
+
+
+def constants_problem(fields: dict[str, object]) -> str | None:
+    """What is wrong with a constant set's fields (types and ranges), or None."""
+    for key in ("name", "source"):
+        value = fields.get(key)
+        if not isinstance(value, str) or not value.strip():
+            return f"{key} must be a non-empty string, got {_shown(value)}"
+    for key in ENERGY_FIELDS:
+        value = fields.get(key)
+        if key == "mac_pj" and value is None:
+            continue
+        if not _is_energy(value):
+            return f"{key} must be a finite number >= 0 (pJ), got {_shown(value)}"
+    return None
+
+
+def _shown(value: object) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        text = type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 BUILTIN_ENERGY: dict[str, EnergyConstants] = {
@@ -60,26 +94,51 @@ BUILTIN_ENERGY: dict[str, EnergyConstants] = {
 }
 
 
-def load_energy_json(path: str | Path) -> EnergyConstants:
-    """A user-supplied constant set: JSON with name, source, sop_pj and optional others."""
-    p = require_file(path, "energy constants file")
+def _read_json(p: Path) -> object:
+    """The JSON value in ``p``; InputFileError naming ``p`` for anything unreadable."""
+    if p.stat().st_size > MAX_ENERGY_FILE_BYTES:
+        raise InputFileError(f"{p}: {p.stat().st_size} bytes is too large for an energy "
+                             f"constants file (at most {MAX_ENERGY_FILE_BYTES})")
     try:
-        data = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputFileError(f"{p} is not valid JSON ({exc})") from None
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputFileError(f"{p} is not valid JSON ({exc.msg} at line {exc.lineno} "
+                             f"column {exc.colno})") from None
+    except UnicodeDecodeError:
+        raise InputFileError(f"{p} is not valid JSON (not UTF-8 text)") from None
+    except RecursionError:
+        raise InputFileError(f"{p}: JSON nested too deeply to be an energy constants "
+                             "file") from None
+    except OSError as exc:
+        raise InputFileError(f"{p} cannot be read ({exc.strerror})") from None
+
+
+def load_energy_json(path: str | Path) -> EnergyConstants:
+    """A user-supplied constant set: a JSON object with name, source (non-empty
+    strings), sop_pj and optionally mac_pj (or null), neuron_active_pj,
+    neuron_inactive_pj (finite numbers >= 0, not booleans)."""
+    p = require_file(path, "energy constants file")
+    data = _read_json(p)
     if not isinstance(data, dict):
-        raise InputFileError(f"{p}: expected a JSON object with name, source, sop_pj")
-    allowed = {"name", "source", "sop_pj", "mac_pj", "neuron_active_pj", "neuron_inactive_pj"}
+        raise InputFileError(f"{p}: expected a JSON object with name, source, sop_pj, got a "
+                             f"JSON {type(data).__name__}")
+    allowed = {"name", "source", *ENERGY_FIELDS}
     unknown = set(data) - allowed
     if unknown:
         raise InputFileError(f"{p}: unknown keys {sorted(unknown)} (allowed: {sorted(allowed)})")
     missing = {"name", "source", "sop_pj"} - set(data)
     if missing:
         raise InputFileError(f"{p}: missing keys {sorted(missing)}")
-    try:
-        return EnergyConstants(**data)
-    except TypeError as exc:
-        raise InputFileError(f"{p}: {exc}") from None
+    fields: dict[str, Any] = {"mac_pj": None, "neuron_active_pj": 0.0,
+                              "neuron_inactive_pj": 0.0, **data}
+    problem = constants_problem(fields)
+    if problem is not None:
+        raise InputFileError(f"{p}: {problem}")
+    mac = fields["mac_pj"]
+    return EnergyConstants(fields["name"], fields["source"], float(fields["sop_pj"]),
+                           None if mac is None else float(mac),
+                           float(fields["neuron_active_pj"]),
+                           float(fields["neuron_inactive_pj"]))
 
 
 def resolve_energy(names: str) -> list[EnergyConstants]:

@@ -17,10 +17,11 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import warnings
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeGuard
 
@@ -29,49 +30,12 @@ from torch import nn
 
 from csqcfs_deploy.errors import GraphError, InputFileError, UsageError
 from csqcfs_deploy.files import require_file, write_atomic
-from csqcfs_deploy.ir import InputEncoding
+from csqcfs_deploy.train.model_config import ModelConfig
 from csqcfs_deploy.train.user_model import build_user_model, parse_model_spec
-from csqcfs_deploy.train.zoo import arch_spec, build_model
+from csqcfs_deploy.train.zoo import build_model
 
 CHECKPOINT_FORMAT = "csqcfs-deploy-checkpoint"
 CHECKPOINT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Everything needed to rebuild a trained network and feed it data."""
-
-    arch: str
-    levels: int
-    phi: float
-    num_classes: int
-    input_shape: tuple[int, ...]
-    encoding: InputEncoding
-    dataset: str
-    extra: dict[str, object] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "arch": self.arch, "levels": self.levels, "phi": self.phi,
-            "num_classes": self.num_classes, "input_shape": list(self.input_shape),
-            "encoding": self.encoding.to_json(), "dataset": self.dataset, "extra": self.extra,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, object]) -> ModelConfig:
-        try:
-            return cls(
-                arch=str(data["arch"]),
-                levels=int(data["levels"]),  # type: ignore[call-overload]
-                phi=float(data["phi"]),  # type: ignore[arg-type]
-                num_classes=int(data["num_classes"]),  # type: ignore[call-overload]
-                input_shape=tuple(int(d) for d in data["input_shape"]),  # type: ignore[attr-defined]
-                encoding=InputEncoding.from_json(data["encoding"]),  # type: ignore[arg-type]
-                dataset=str(data["dataset"]),
-                extra=dict(data.get("extra", {})),  # type: ignore[call-overload]
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InputFileError(f"checkpoint config is malformed: {exc}") from None
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, config: ModelConfig) -> Path:
@@ -85,26 +49,75 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: ModelConfig) -> 
     return write_atomic(path, lambda tmp: torch.save(payload, tmp))
 
 
+#: torch's reasons for refusing a pickled object under weights_only=True (the text after
+#: its "WeightsUnpickler error:" or its blocked-module line)
+_REFUSALS = ("Unsupported global", "unsupported GLOBAL", "Can only create new object",
+             "Can only build", "Trying to call reduce", "Trying to instantiate",
+             "persistent_load", "unsupported persistent id")
+
+
+def _refused_global(text: str) -> str | None:
+    """The ``module.name`` a refused pickle asks to import, if torch's message names one."""
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    return None if found is None else found.group(1)
+
+
+def _refusal(text: str) -> str | None:
+    """torch's one-sentence reason for refusing a pickled object, if it is one."""
+    for line in text.splitlines():
+        line = line.strip().removeprefix("WeightsUnpickler error:").strip()
+        if line.startswith(_REFUSALS):
+            return line.split(". Please use")[0].rstrip(".")
+    return None
+
+
+def _load_error(path: Path, what: str, exc: BaseException) -> InputFileError:
+    """One line for a file torch.load refused or could not read."""
+    text = str(exc)
+    name = _refused_global(text)
+    if name is not None:
+        return InputFileError(
+            f"{path}: refused to load: it holds a pickled Python object ({name}) and asks "
+            f"to import {name} (checkpoints load with weights_only=True, which imports "
+            "nothing); save model.state_dict() or a dict of tensors and numbers instead")
+    reason = _refusal(text)
+    if reason is not None:
+        return InputFileError(f"{path}: refused to load: {reason} (checkpoints load with "
+                              "weights_only=True); save model.state_dict() instead")
+    operand = re.search(r"Unsupported operand (\d+)", text)
+    if operand is not None:
+        detail = f"pickle opcode {operand.group(1)} is not one torch.load reads"
+    elif path.stat().st_size == 0:
+        detail = "the file is empty"
+    else:
+        first = " ".join(text.split())[:120]
+        detail = f"{type(exc).__name__}{': ' + first if first else ''}"
+    return InputFileError(f"{path} is not a PyTorch {what} ({detail})")
+
+
 def _torch_load(path: Path, what: str) -> object:
+    """``torch.load(weights_only=True)``; InputFileError naming ``path`` for anything it
+    refuses or cannot read, torch's warnings kept off the terminal."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError,
-            OSError, AttributeError, KeyError, IndexError, TypeError) as exc:
-        unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-        if unsafe is not None:
-            raise InputFileError(f"{path} holds a pickled Python object ({unsafe.group(1)}), "
-                                 "which is not loaded (weights_only=True, for safety); save "
-                                 "model.state_dict() or a dict of tensors and numbers instead"
-                                 ) from None
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise InputFileError(f"{path} is not a readable {what}: corrupt or not a torch file "
-                             f"({type(exc).__name__}{': ' + text[:120] if text else ''})"
-                             ) from None
+            OSError, AttributeError, KeyError, IndexError, TypeError, OverflowError,
+            MemoryError, RecursionError, UnicodeDecodeError, zlib.error) as exc:
+        raise _load_error(path, what, exc) from None
 
 
-def check_finite(state_dict: dict[str, torch.Tensor], source: Path | str) -> None:
-    """Raise GraphError naming the first tensor with a NaN or infinite value."""
+def check_tensors(state_dict: dict[str, torch.Tensor], source: Path | str) -> None:
+    """Raise GraphError naming the first tensor that is complex, not a dense (strided)
+    tensor, or has a NaN or infinite value."""
     for name, tensor in state_dict.items():
+        if tensor.is_complex():
+            raise GraphError(f"{source}: parameter {name!r} is complex ({tensor.dtype}); "
+                             "only real tensors are accepted")
+        if tensor.layout != torch.strided or tensor.is_quantized:
+            raise GraphError(f"{source}: parameter {name!r} is a {tensor.layout} "
+                             f"{tensor.dtype} tensor; only dense real tensors are accepted")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = tensor[~torch.isfinite(tensor)].flatten()[0].item()
             raise GraphError(f"{source}: parameter {name!r} contains a non-finite value ({bad})")
@@ -119,15 +132,17 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, ModelConfig]:
                              "for a plain state dict use --model MODULE:FACTORY --weights FILE)")
     if payload.get("version") != CHECKPOINT_VERSION:
         raise InputFileError(f"{p}: unsupported checkpoint version {payload.get('version')!r}")
+    text, state = payload.get("config"), payload.get("state_dict")
+    if not isinstance(text, str):
+        raise InputFileError(f"{p}: checkpoint has no config text")
     try:
-        config = ModelConfig.from_json(json.loads(str(payload["config"])))
-        state = payload["state_dict"]
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise InputFileError(f"{p}: checkpoint is malformed ({exc})") from None
+        config = ModelConfig.from_json(json.loads(text), p)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise InputFileError(f"{p}: checkpoint config is not valid JSON "
+                             f"({type(exc).__name__})") from None
     if not _is_tensor_dict(state):
         raise InputFileError(f"{p}: checkpoint state_dict is not a dict of tensors")
-    check_finite(state, p)
-    arch_spec(config.arch)
+    check_tensors(state, p)
     model = build_model(config.arch, config.levels, config.phi, config.num_classes)
     _load_state(model, state, p)
     model.eval()
@@ -184,7 +199,7 @@ def extract_state_dict(payload: object, source: Path | str) -> dict[str, torch.T
     found = _find_state(payload)
     if found is None:
         raise InputFileError(_not_a_state_dict(payload, source))
-    check_finite(found, source)
+    check_tensors(found, source)
     return found
 
 
@@ -369,6 +384,6 @@ def load_user_model(spec: str, weights: str | Path | None, model_args: str | Non
         p = require_file(weights, "weights file")
         _load_state(model, read_state_dict(p), p)
     else:
-        check_finite(dict(model.state_dict()), spec)
+        check_tensors(dict(model.state_dict()), spec)
     model.eval()
     return model

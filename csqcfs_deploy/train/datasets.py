@@ -240,6 +240,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"),
         ("builtins", "bytes"),
+        ("__builtin__", "bytes"),  # empty bytes in protocol-2 pickles (Python 2's name)
         ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
     }
 
@@ -249,20 +250,75 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
-def _read_cifar_batch(path: Path, label_key: bytes = b"labels", what: str = "CIFAR-10",
-                      classes: int = 10) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+#: values of one CIFAR image: 3 channels of 32 x 32 pixels, stored as bytes 0..255
+CIFAR_PIXELS = 3 * 32 * 32
+
+
+def _unpickle_batch(path: Path, what: str) -> dict[Any, Any]:
+    """One CIFAR python pickle, read with :class:`_NumpyOnlyUnpickler`."""
     try:
         with path.open("rb") as fh:
             batch = _NumpyOnlyUnpickler(io.BytesIO(fh.read()), encoding="bytes").load()
-        data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        labels = np.asarray(batch[label_key], dtype=np.int64).reshape(-1)
     except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError,
-            IndexError, AttributeError) as exc:
-        raise DatasetError(f"{path} is not a {what} python pickle: {exc}") from None
-    if len(labels) != len(data):
-        raise DatasetError(f"{path}: {len(data)} images but {len(labels)} labels")
-    check_labels(str(path), labels, classes)
-    return data.astype(np.float32), labels
+            IndexError, AttributeError, OverflowError, MemoryError, RecursionError,
+            UnicodeDecodeError) as exc:
+        detail = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise DatasetError(f"{path} is not a {what} python pickle: {detail}") from None
+    if not isinstance(batch, dict):
+        raise DatasetError(f"{path} is not a {what} python pickle: it holds a "
+                           f"{type(batch).__name__}, not a dict of data and labels")
+    return batch
+
+
+def _cifar_images(batch: dict[Any, Any], path: Path) -> npt.NDArray[np.float32]:
+    """``batch[b"data"]``: N >= 1 images of 3072 finite whole values in 0..255, as float32
+    (N, 3, 32, 32)."""
+    data = batch.get(b"data")
+    if not isinstance(data, np.ndarray) or data.dtype.kind not in "uif":
+        kind = type(data).__name__ if not isinstance(data, np.ndarray) else data.dtype
+        raise DatasetError(f"{path}: data must be a numeric array (CIFAR stores uint8), "
+                           f"got {kind}")
+    if data.ndim not in (2, 4) or data.size == 0 or data.size % CIFAR_PIXELS or \
+            data[0].size != CIFAR_PIXELS:
+        raise DatasetError(f"{path}: data has shape {data.shape}; expected (N, 3072) with "
+                           "N >= 1 images")
+    if data.dtype.kind == "f" and not bool(np.isfinite(data).all()):
+        raise DatasetError(f"{path}: data contains NaN or infinite values")
+    lo, hi = float(data.min()), float(data.max())
+    whole = data.dtype.kind != "f" or bool(np.all(np.floor(data) == data))
+    if lo < 0 or hi > 255 or not whole:
+        raise DatasetError(f"{path}: data must be whole pixel values in 0..255, found "
+                           f"{lo:.6g}..{hi:.6g}")
+    return data.reshape(-1, 3, 32, 32).astype(np.float32)
+
+
+def _cifar_labels(batch: dict[Any, Any], label_key: bytes, path: Path, n: int,
+                  classes: int, what: str) -> npt.NDArray[np.int64]:
+    """``batch[label_key]``: n integer labels in 0..classes-1."""
+    if label_key not in batch:
+        raise DatasetError(f"{path} is not a {what} python pickle: it has no "
+                           f"{label_key.decode()}")
+    try:
+        labels = np.asarray(batch[label_key])
+    except (ValueError, TypeError, OverflowError):
+        labels = np.asarray([], dtype=object)
+    if labels.dtype.kind not in "ui":
+        raise DatasetError(f"{path}: {label_key.decode()} must be integers, got "
+                           f"{labels.dtype if labels.size else 'something else'}")
+    if labels.ndim != 1 or len(labels) != n:
+        raise DatasetError(f"{path}: {n} images but {label_key.decode()} has shape "
+                           f"{labels.shape}")
+    check_labels(str(path), labels, classes, label_key.decode())
+    return labels.astype(np.int64)
+
+
+def _read_cifar_batch(path: Path, label_key: bytes = b"labels", what: str = "CIFAR-10",
+                      classes: int = 10) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+    """Images (N, 3, 32, 32) float32 and labels (N,) int64 of one python batch; every
+    problem a DatasetError naming ``path``."""
+    batch = _unpickle_batch(path, what)
+    data = _cifar_images(batch, path)
+    return data, _cifar_labels(batch, label_key, path, len(data), classes, what)
 
 
 def _cifar_root(data_dir: str | Path | None, name: str, folder: str) -> Path:
@@ -333,9 +389,25 @@ def load_dataset(name: str, data_dir: str | Path | None = None,
     if name.startswith(DATA_PREFIX):
         from csqcfs_deploy.train.owndata import load_npz_dataset
 
-        return load_npz_dataset(name[len(DATA_PREFIX):], classes)
+        return check_splits(load_npz_dataset(name[len(DATA_PREFIX):], classes))
     loader = LOADERS.get(name)
     if loader is None:
         raise DatasetError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)}, "
                            f"or {DATA_PREFIX}FILE.npz)")
-    return loader(None if data_dir is None else Path(data_dir))
+    return check_splits(loader(None if data_dir is None else Path(data_dir)))
+
+
+def check_splits(ds: Dataset) -> Dataset:
+    """``ds`` when both splits hold samples, one label each, in 0..classes-1, and only
+    finite values; DatasetError naming the dataset otherwise (never a run on 0 samples)."""
+    for split, x, y in (("test", ds.x_test, ds.y_test), ("train", ds.x_train, ds.y_train)):
+        if len(x) == 0:
+            raise DatasetError(f"{ds.name}: the {split} split holds no samples")
+        if len(y) != len(x) or y.ndim != 1 or y.dtype.kind not in "ui":
+            raise DatasetError(f"{ds.name}: the {split} split has {len(x)} samples but "
+                               f"labels of shape {y.shape} and dtype {y.dtype}")
+        if not bool(np.isfinite(x).all()):
+            raise DatasetError(f"{ds.name}: the {split} split contains NaN or infinite values")
+        if not ds.classes_inferred:
+            check_labels(ds.name, y, ds.classes, f"{split} labels")
+    return ds

@@ -17,7 +17,9 @@ integer, ``mean`` 0 and ``std`` 1 per channel, 8-bit input; ``--mean/--std/
 from __future__ import annotations
 
 import math
+import os
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -61,16 +63,61 @@ def _read_arrays(path: Path, name: str) -> dict[str, npt.NDArray[Any]]:
         if ("x_train" in present) != ("y_train" in present):
             raise DatasetError(f"{name}: give both x_train and y_train, or neither")
         arrays: dict[str, npt.NDArray[Any]] = {}
+        check_declared_sizes(archive, [k for k in KEYS if k in present], name)
         for key in KEYS:
             if key not in present:
                 continue
             try:
                 arrays[key] = np.asarray(archive[key])
-            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-                raise DatasetError(f"{name}: array {key!r} cannot be read without pickle "
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error,
+                    MemoryError) as exc:
+                raise DatasetError(f"{name}: array {key!r} cannot be read "
                                    f"({' '.join(str(exc).split())[:120]}); store plain "
                                    "numeric arrays") from None
     return arrays
+
+
+def _declared(archive: np.lib.npyio.NpzFile, key: str, name: str
+              ) -> tuple[tuple[int, ...], np.dtype[Any], int]:
+    """(shape, dtype, bytes stored) of member ``key``, from its .npy header alone."""
+    member = f"{key}.npy" if f"{key}.npy" in archive.zip.namelist() else key
+    try:
+        info = archive.zip.getinfo(member)
+        with archive.zip.open(info) as fh:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+            else:
+                raise ValueError(f"unsupported .npy format version {version}")
+            stored = info.file_size - fh.tell()
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error,
+            SyntaxError, TypeError) as exc:
+        raise DatasetError(f"{name}: array {key!r} has no readable .npy header "
+                           f"({' '.join(str(exc).split())[:120]})") from None
+    return tuple(int(d) for d in shape), dtype, stored
+
+
+def check_declared_sizes(archive: np.lib.npyio.NpzFile, keys: list[str], name: str) -> None:
+    """Before any array is read: each member holds the bytes its header declares (a
+    header may not claim more, which would be allocated up front), and all of them, as
+    float32 copies too, fit in the machine's physical memory."""
+    total = 0
+    for key in keys:
+        shape, dtype, stored = _declared(archive, key, name)
+        count = math.prod(shape)
+        if dtype.hasobject:
+            raise DatasetError(f"{name}: array {key!r} holds Python objects, which cannot be "
+                               "read without pickle; store plain numeric arrays")
+        if count * dtype.itemsize > stored:
+            raise DatasetError(f"{name}: array {key!r} declares {count * dtype.itemsize} bytes "
+                               f"of {dtype} {shape} but holds {stored} bytes")
+        total += count * (dtype.itemsize + 4)
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if total > physical:
+        raise DatasetError(f"{name}: the arrays need {total / 2**30:.1f} GiB in memory, more "
+                           f"than this machine's {physical / 2**30:.1f} GiB")
 
 
 def _samples(arr: npt.NDArray[Any], key: str, name: str) -> npt.NDArray[np.float32]:

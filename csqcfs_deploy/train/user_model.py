@@ -12,6 +12,17 @@ arguments). Inline arguments are parsed with :func:`ast.parse` and every
 argument with :func:`ast.literal_eval`; nothing in the spec is evaluated.
 Both forms may be combined: the inline positional and keyword arguments and
 the JSON keywords are merged, and a keyword given in both is an error.
+
+What may be called (checked before anything is called, :func:`check_factory`):
+the module may not be one of the Python standard library (``os:system``,
+``subprocess:run``, ``shutil:rmtree`` are refused before the import), and the
+factory must be a class derived from ``torch.nn.Module`` or a function written
+in Python (``def``; a bound method of one counts) that is not itself from the
+standard library (``from os import system`` in your module does not make
+``mynets:system`` callable). Built-in functions, other classes and other
+callable objects are refused. Whatever the factory returns must be a
+``torch.nn.Module`` (:func:`~csqcfs_deploy.train.checkpoint.load_user_model`).
+Arguments are literals only, so nothing from the command line is evaluated.
 """
 
 from __future__ import annotations
@@ -28,6 +39,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+
+from torch import nn
 
 from csqcfs_deploy.errors import UsageError
 
@@ -208,8 +221,45 @@ def _check_signature(factory: Callable[..., object], spec: FactorySpec) -> None:
                          ) from None
 
 
+def _is_stdlib(module: str | None) -> bool:
+    """True for a module of the Python standard library (``os``, ``os.path``, ``builtins``)."""
+    top = (module or "builtins").split(".")[0]
+    return top in sys.stdlib_module_names or top == "builtins"
+
+
+def check_target(spec: FactorySpec) -> None:
+    """Refuse a standard-library module as ``--model``'s module, before importing it."""
+    if not _is_path(spec.target) and _is_stdlib(spec.target):
+        raise UsageError(f"--model {spec.name}: {spec.target} is a module of the Python "
+                         "standard library, not a model module; give a module or a file of "
+                         "your own (path/to/file.py:FACTORY)")
+
+
+def check_factory(factory: object, spec: FactorySpec) -> None:
+    """Refuse anything but a torch.nn.Module subclass or a Python function (or bound
+    method) from outside the standard library (module doc), before it is called."""
+    code = getattr(factory, "__func__", factory)
+    if inspect.isclass(factory):
+        if issubclass(factory, nn.Module):
+            return
+        what = f"a class ({factory.__module__}.{factory.__qualname__}) that is not a " \
+            "torch.nn.Module"
+    elif inspect.isfunction(code):
+        if not _is_stdlib(code.__module__):
+            return
+        what = f"{code.__module__}.{code.__qualname__}, a function of the Python standard " \
+            "library"
+    else:
+        what = f"a {type(factory).__name__}, not a class or a Python function"
+    raise UsageError(f"--model {spec.name}: {what}; the factory must be a torch.nn.Module "
+                     "subclass or a function (def) of your own that builds one (nothing "
+                     "else is called)")
+
+
 def build_user_model(spec: FactorySpec) -> object:
-    """Import the factory (the cwd first on sys.path while it runs) and call it."""
+    """Import the factory (the cwd first on sys.path while it runs), check what it is
+    (:func:`check_target`, :func:`check_factory`) and call it."""
+    check_target(spec)
     directory = Path(spec.target).parent if _is_path(spec.target) else Path.cwd()
     with _on_sys_path(directory):
         module = _import_file(spec.target) if _is_path(spec.target) \
@@ -217,6 +267,7 @@ def build_user_model(spec: FactorySpec) -> object:
         factory = getattr(module, spec.factory, None)
         if factory is None or not callable(factory):
             raise UsageError(f"model module {spec.target!r} has no callable {spec.factory!r}")
+        check_factory(factory, spec)
         _check_signature(factory, spec)
         try:
             return factory(*spec.args, **spec.kwargs)

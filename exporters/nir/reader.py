@@ -11,18 +11,23 @@ The destination layer's bias (C,) int64 is the sum of its incoming chains' biase
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import h5py
 import nir
 import numpy as np
 import numpy.typing as npt
+from nir.serialization import hdf2dict
 
 from csqcfs_deploy.convert.quantize import check_profile
 from csqcfs_deploy.errors import GraphError, InputFileError
+from csqcfs_deploy.exporters.hdf5_probe import probed_hdf5
 from csqcfs_deploy.exporters.nir.flavors import portable_half, portable_threshold_of
 from csqcfs_deploy.exporters.nir.projections import read_projection
 from csqcfs_deploy.exporters.nir.semantics import (
@@ -38,6 +43,7 @@ from csqcfs_deploy.exporters.nir.semantics import (
 from csqcfs_deploy.exporters.nir.validate import (
     check_acyclic,
     check_node_types,
+    check_raw_graph,
     int_values,
     md_array,
     md_float,
@@ -192,7 +198,7 @@ def _calibration(ng: nir.NIRGraph) -> CalibrationRecord | None:
     try:
         data = json.loads(text)
         return CalibrationRecord(**data)
-    except (ValueError, TypeError, GraphError) as exc:
+    except (ValueError, TypeError, RecursionError, GraphError) as exc:
         raise InputFileError(f"graph metadata calibration is malformed ({exc})") from None
 
 
@@ -228,20 +234,72 @@ def nir_to_graph(ng: nir.NIRGraph) -> IFGraph:
 
 # --------------------------------------------------------------------------- files
 
-_NIR_READ_ERRORS = (OSError, KeyError, ValueError, TypeError, AssertionError, AttributeError,
-                    IndexError)
+#: What h5py raises on a file it cannot read (after the probe, only on a file that
+#: changed in between: the probe and this read open the same pinned inode).
+_H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, OverflowError,
+              IndexError, AttributeError, UnicodeError)
+#: What NIR raises building nodes from values our raw checks let through.
+_NIR_BUILD_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError,
+                     AssertionError, OverflowError, ZeroDivisionError, RecursionError)
+
+
+def _detail(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
+
+
+def _raw_record(p: Path) -> dict[str, Any]:
+    """The file's ``node`` group as nested dicts of arrays (as ``nir.read`` reads it),
+    after the HDF5 probe (:func:`~csqcfs_deploy.exporters.hdf5_probe.probed_hdf5`)."""
+    with probed_hdf5(p, "NIR") as pinned:
+        try:
+            with h5py.File(pinned, "r") as f:
+                node = f.get("node")
+                if not isinstance(node, h5py.Group):
+                    raise InputFileError(f"{p} is not a readable NIR file (it has no "
+                                         "'node' group)")
+                record: dict[str, Any] = hdf2dict(node)
+        except _H5_ERRORS as exc:
+            raise InputFileError(f"{p} is not a readable NIR file ({_detail(exc)})") from None
+    return record
+
+
+def _build_nir(p: Path, record: dict[str, Any]) -> nir.NIRGraph:
+    """``nir.dict2NIRNode`` on a checked record, NIR's warnings and exceptions contained."""
+    if "type_check" in record:
+        raise InputFileError(f"{p} is not a readable NIR file (a 'type_check' entry)")
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            ng = nir.dict2NIRNode({**record, "type_check": False})
+    except _NIR_BUILD_ERRORS as exc:
+        raise InputFileError(f"{p} is not a readable NIR file ({_detail(exc)})") from None
+    if not isinstance(ng, nir.NIRGraph):
+        raise InputFileError(f"{p}: expected a NIR graph, got a {type(ng).__name__} node")
+    return ng
 
 
 def read_nir_graph(path: str | Path) -> IFGraph:
-    """Read a ``.nir`` file into an integer IF graph (errors name the file and the node)."""
+    """Read a ``.nir`` file into an integer IF graph (errors name the file and the node).
+
+    The file is probed in a child process first (a corrupt HDF5 file that would crash
+    or hang libhdf5, or declares more data than :mod:`~csqcfs_deploy.exporters.hdf5_probe`
+    allows, is refused), its raw content is checked (:func:`check_raw_graph`), and only
+    then NIR builds its nodes and :func:`nir_to_graph` reads them.
+    """
     p = require_file(path, "NIR file")
-    try:
-        ng = nir.read(p, type_check=False)
-    except _NIR_READ_ERRORS as exc:
-        detail = " ".join(str(exc).split()) or type(exc).__name__
-        raise InputFileError(f"{p} is not a readable NIR file ({detail})") from None
-    try:
+    record = _raw_record(p)
+    with _naming(p):
+        check_raw_graph(record)
+    ng = _build_nir(p, record)
+    with _naming(p):
         return nir_to_graph(ng)
+
+
+@contextlib.contextmanager
+def _naming(p: Path) -> Iterator[None]:
+    """Prefix the file name to a GraphError or InputFileError raised in the block."""
+    try:
+        yield
     except GraphError as exc:
         raise GraphError(f"{p}: {exc}") from None
     except InputFileError as exc:

@@ -20,12 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import h5py
 import nir
 import numpy as np
 import numpy.typing as npt
 
 from csqcfs_deploy import __version__
 from csqcfs_deploy.errors import GraphError
+from csqcfs_deploy.exporters.h5write import write_array
 from csqcfs_deploy.exporters.nir.flavors import (
     NIR_FORMAT,
     NIR_FORMAT_VERSION,
@@ -40,6 +42,7 @@ from csqcfs_deploy.exporters.nir.flavors import (
 from csqcfs_deploy.exporters.nir.groups import expand_groups
 from csqcfs_deploy.exporters.nir.reader import nir_to_graph
 from csqcfs_deploy.files import write_atomic
+from csqcfs_deploy.interrupts import deferred_signals
 from csqcfs_deploy.ir import (
     ConvProjection,
     DenseProjection,
@@ -289,15 +292,41 @@ def graph_to_nir(graph: IFGraph, flavor: str = "native") -> nir.NIRGraph:
 # --------------------------------------------------------------------------- files
 
 
+def _write_node(group: h5py.Group, node: dict[str, Any], compression: str) -> None:
+    """One entry of ``NIRGraph.to_dict()``, laid out as ``nir.write`` does (an empty
+    metadata dict is skipped, strings as HDF5 strings, arrays compressed)."""
+    for key, value in node.items():
+        if key == "metadata":
+            if value != {}:
+                _write_node(group.create_group(key), value, compression)
+        elif isinstance(value, str):
+            group.create_dataset(key, data=value, dtype=h5py.string_dtype())
+        elif isinstance(value, np.ndarray):
+            write_array(group, key, value, compression)
+        elif isinstance(value, dict):
+            _write_node(group.create_group(str(key)), value, compression)
+        else:
+            group.create_dataset(key, data=value)
+
+
+def write_nir_file(path: str | Path, ng: nir.NIRGraph, compression: str = "gzip") -> None:
+    """``nir.write(path, ng)``'s file, its arrays written in slices so that Ctrl-C and
+    SIGTERM are honoured within ~0.1 s (call it inside
+    :func:`~csqcfs_deploy.interrupts.deferred_signals`; see :mod:`.h5write`)."""
+    with h5py.File(path, "w") as f:
+        f.create_dataset("version", data=nir.version, dtype=h5py.string_dtype())
+        _write_node(f.create_group("node"), ng.to_dict(), compression)
+
+
 def _write(ng: nir.NIRGraph, graph: IFGraph, path: str | Path, flavor: str,
            verify: bool) -> Path:
     def writer(tmp: Path) -> None:
-        nir.write(tmp, ng)
-        if verify:
-            back = nir_to_graph(nir.read(tmp))
-            if not back.equals(graph):
-                raise GraphError(f"the {flavor} NIR file does not read back as the same IF "
-                                 "graph (nothing written)")
+        with deferred_signals():  # HDF5 calls only: a signal is raised when they return
+            write_nir_file(tmp, ng)
+            back_nir = nir.read(tmp) if verify else None
+        if back_nir is not None and not nir_to_graph(back_nir).equals(graph):
+            raise GraphError(f"the {flavor} NIR file does not read back as the same IF graph "
+                             "(nothing written)")
 
     return write_atomic(path, writer)
 

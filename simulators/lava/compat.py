@@ -36,6 +36,8 @@ import dataclasses
 import importlib
 import importlib.abc
 import importlib.machinery
+import io
+import logging
 import multiprocessing
 import re
 import sys
@@ -149,12 +151,30 @@ def ensure_lava_compat() -> bool:
     return True
 
 
+#: what lava-dl 0.6 prints on stdout while importing: a notice that an optional dataset
+#: toolbox is missing (three lines, each naming it)
+LAVA_DL_NOTICE = "rophesee"
+
+
 def import_lava_dl(module: str = "lava.lib.dl.netx") -> ModuleType:
-    """Import a lava-dl module through :func:`import_lava`, with what lava-dl prints while
-    importing (a dataset-toolbox notice on stdout) sent to stderr, so stdout stays ours
-    (e.g. for ``--json``)."""
-    with contextlib.redirect_stdout(sys.stderr):
-        return import_lava(module)
+    """Import a lava-dl module through :func:`import_lava`, quietly: lava-dl's
+    dataset-toolbox notice and torch's "No CUDA runtime is found" log line (from
+    ``torch.utils.cpp_extension``, which lava-dl imports) are dropped, so that stdout
+    stays ours (``--json``) and an error stays one line; anything else lava-dl prints
+    goes to stderr."""
+    printed = io.StringIO()
+    cpp_log = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_log.level
+    cpp_log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(printed):
+            return import_lava(module)
+    finally:
+        cpp_log.setLevel(level)
+        other = [line for line in printed.getvalue().splitlines()
+                 if line.strip() and LAVA_DL_NOTICE not in line]
+        if other:
+            sys.stderr.write("\n".join(other) + "\n")
 
 
 def import_lava(module: str = "lava.magma.core.run_configs") -> ModuleType:

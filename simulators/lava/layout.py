@@ -13,9 +13,15 @@ Lava has two synapse processes that compute bit-exactly what our projections do:
   convolution weights (:func:`lava_conv_weight`).
 
 :func:`check_lava_graph` refuses a graph Lava's fixed-point models cannot run
-bit-exactly. Every per-kind rule goes through a :class:`KindTable` ("lava"): a
-kind without a rule is a ``TargetError`` naming the projection and its kind.
-The lava-netx exporter plans its file with the same functions.
+bit-exactly: one projection's sum beyond what its synapse process computes
+exactly, or one step's synaptic input into a neuron group (the sum over its
+projections, after the weight exponent) that Lava's neuron models would overflow
+when they shift it into the current (``a_in << 6`` in int32: exact only for
+``-2**25 <= a_in < 2**25``; stock Lava's LIF gives u = -2130706432 for
+a_in = 2**25 where the simulator's int64 arithmetic gives +2**31 - 2**24). Every
+per-kind rule goes through a :class:`KindTable` ("lava"): a kind without a rule
+is a ``TargetError`` naming the projection and its kind. The lava-netx exporter
+plans its file with the same functions.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ from csqcfs_deploy.ir.synapses import max_abs_output
 
 CONV_EXACT = 2**23      # PyConvModelFixed wraps its output to 24 signed bits
 DENSE_EXACT = 2**31     # PyDenseModelBitAcc accumulates in int32
+ACT_SHIFT = 6           # AbstractPyLifModelFixed: a_in << 6 into the current, in int32
+CURRENT_EXACT = 2 ** (31 - ACT_SHIFT)   # exact for -CURRENT_EXACT <= a_in < CURRENT_EXACT
 
 
 @dataclass(frozen=True)
@@ -173,12 +181,50 @@ def lava_conv_weight(weight: NDArray[Any]) -> NDArray[Any]:
 # --------------------------------------------------------------------------- checks
 
 
+def source_range(graph: IFGraph, name: str) -> tuple[int, int]:
+    """(lowest, highest) value layer ``name`` sends in one step: spikes 0..1, the input its
+    encoding's integers (within ``max_abs_int``, as the per-projection bound)."""
+    if name != graph.input.name:
+        return 0, 1
+    enc = graph.input.encoding
+    lo, hi = enc.int_range
+    return max(lo, -enc.max_abs_int), min(hi, enc.max_abs_int)
+
+
+def _shift(value: int, weight_exp: int) -> int:
+    """Lava Dense's weight exponent on a sum (left shift, or flooring right shift)."""
+    return value << weight_exp if weight_exp >= 0 else value >> -weight_exp
+
+
+def synaptic_input_rows(q: ProjectionT, lo: int, hi: int) -> tuple[list[int], list[int]]:
+    """Per output channel of the pool-free projection ``q``, the (lowest, highest) one
+    step's input can take, sources in ``lo..hi`` (lo <= 0 <= hi), weight exponent applied:
+    ``-(sum(w-) * hi + sum(w+) * |lo|)`` and ``sum(w+) * hi + sum(w-) * |lo|`` (exact ints)."""
+    w = np.asarray(q.weight, dtype=np.int64).reshape(q.weight.shape[0], -1)
+    pos = np.clip(w, 0, None).sum(axis=1).tolist()
+    neg = (-np.clip(w, None, 0)).sum(axis=1).tolist()
+    bottom = [_shift(-(int(b) * hi + int(a) * -lo), q.weight_exp) for a, b in zip(pos, neg,
+                                                                               strict=True)]
+    top = [_shift(int(a) * hi + int(b) * -lo, q.weight_exp) for a, b in zip(pos, neg,
+                                                                         strict=True)]
+    return bottom, top
+
+
+def synaptic_input_range(q: ProjectionT, lo: int, hi: int) -> tuple[int, int]:
+    """(lowest, highest) of :func:`synaptic_input_rows` over all output channels."""
+    bottom, top = synaptic_input_rows(q, lo, hi)
+    return min(bottom, default=0), max(top, default=0)
+
+
 def check_lava_graph(graph: IFGraph) -> None:
     """Refuse a graph that Lava's fixed-point models cannot run bit-exactly.
 
-    Needs a loihi2-quantized graph within its profile, and for every projection
-    a bound of one step's synaptic sum (spikes are 0/1, the input at most its
-    encoding's ``max_abs_int``) below the range its Lava process computes exactly.
+    Needs a loihi2-quantized graph within its profile; for every projection a
+    bound of one step's synaptic sum (spikes are 0/1, the input at most its
+    encoding's ``max_abs_int``) below the range its Lava process computes
+    exactly; and for every neuron group the bound of one step's summed input
+    (all its projections, weight exponents applied) within Lava's ``a_in << 6``
+    int32 range (see the module docstring).
     """
     if not graph.is_integer:
         raise GraphError("the Lava back end runs quantized graphs; convert with --profile loihi2")
@@ -188,6 +234,7 @@ def check_lava_graph(graph: IFGraph) -> None:
     check_profile(graph)
     max_src = {la.name: 1.0 for la in graph.layers}
     max_src[graph.input.name] = float(graph.input.encoding.max_abs_int)
+    into: dict[str, list[tuple[str, int, int]]] = {}
     for p in graph.projections:
         q = lava_projection(p, graph.layer(p.src).shape)
         synapse = SYNAPSES.lookup(q)
@@ -196,3 +243,22 @@ def check_lava_graph(graph: IFGraph) -> None:
             raise TargetError(f"projection {p.name}: one step's synaptic sum may reach "
                              f"{bound:.3g}, beyond Lava's {synapse.range_label} exact range "
                              f"{synapse.exact_limit}")
+        into.setdefault(p.dst, []).append((p.name, *synaptic_input_range(
+            q, *source_range(graph, p.src))))
+    for dst, parts in into.items():
+        _check_current_range(dst, parts)
+
+
+def _check_current_range(dst: str, parts: list[tuple[str, int, int]]) -> None:
+    """Refuse a layer whose summed one-step input can overflow Lava's int32 ``a_in << 6``."""
+    bottom = sum(lo for _, lo, _ in parts)
+    top = sum(hi for _, _, hi in parts)
+    if -CURRENT_EXACT <= bottom and top < CURRENT_EXACT:
+        return
+    names = " + ".join(name for name, _, _ in parts)
+    reach = top if top >= CURRENT_EXACT else bottom
+    raise TargetError(
+        f"projection {names} (into {dst}): one step's synaptic input may reach {reach}; "
+        f"Lava's neurons shift it left by {ACT_SHIFT} in int32 (a_in << {ACT_SHIFT}), which "
+        f"is exact only for -2**25..2**25 - 1 ({-CURRENT_EXACT}..{CURRENT_EXACT - 1}); "
+        "lower the weights or their exponent (convert with calibration, the default)")

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from csqcfs_deploy.errors import GraphError, InputFileError
-from csqcfs_deploy.exporters.netx import read_netx_plan
+from csqcfs_deploy.exporters.netx_file import NetxFile, opened_netx
 from csqcfs_deploy.ir import IFGraph, IFLayer
 from csqcfs_deploy.ir.schedule import RunConfig
 from csqcfs_deploy.simulators.integer import simulate
@@ -56,13 +56,35 @@ class NetxRun:
     seconds: float
 
 
+#: What lava-dl's netx raises on a file whose layer groups it cannot build from.
+_NETX_BUILD_ERRORS = (KeyError, ValueError, TypeError, IndexError, AttributeError,
+                      AssertionError, OverflowError, ZeroDivisionError, OSError, RuntimeError)
+
+
+def _network(hdf5: Any, path: str | Path, netx_file: NetxFile) -> Any:
+    """lava-dl's ``netx.hdf5.Network`` of the probed file, with the layers it describes."""
+    layers = netx_file.meta["layers"]
+    try:
+        net = hdf5.Network(net_config=netx_file.path, **netx_file.meta["load_kwargs"])
+    except _NETX_BUILD_ERRORS as exc:
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise InputFileError(f"{path}: lava-dl netx cannot build this file ({detail})"
+                             ) from None
+    if len(net.layers) != len(layers):
+        raise InputFileError(f"{path}: netx built {len(net.layers)} layers, the file "
+                             f"describes {len(layers)}")
+    return net
+
+
 def run_netx(path: str | Path, x_int: torch.Tensor, progress: bool = False) -> NetxRun:
     """Load ``path`` with lava-dl's ``netx.hdf5.Network`` (with its ``load_kwargs``), run it
     on ``Loihi2SimCfg(select_tag="fixed_pt")`` with the integer input (N, *input_shape) as
     graded spikes, one ``1 + D``-step sample after the other, and record every layer's
     spikes."""
     hdf5 = import_lava_dl("lava.lib.dl.netx.hdf5")
-    meta = read_netx_plan(path)
+    with opened_netx(path) as netx_file:
+        meta = netx_file.meta
+        net = _network(hdf5, path, netx_file)
     input_shape = tuple(meta["input_shape"])
     if tuple(x_int.shape[1:]) != input_shape:
         raise GraphError(f"input has shape {tuple(x_int.shape[1:])}, the netx file expects "
@@ -76,10 +98,6 @@ def run_netx(path: str | Path, x_int: torch.Tensor, progress: bool = False) -> N
     workdir = make_workdir()
     try:
         inputs = SharedArray.create(workdir, "input", (slots, x.shape[1]), "int32")
-        net = hdf5.Network(net_config=str(path), **meta["load_kwargs"])
-        if len(net.layers) != len(layer_meta):
-            raise InputFileError(f"{path}: netx built {len(net.layers)} layers, the file "
-                                 f"describes {len(layer_meta)}")
         source = GradedInput(shape=input_shape, clock=clock, inputs=inputs, name="input")
         source.s_out.connect(net.inp)
         models: dict[Any, type] = {source: PyGradedInputModel}

@@ -19,7 +19,8 @@ Running: the network is compiled and its processes started once
 each, with every process restoring its state at each sample's first step (no
 recompilation, no ``Var.set``). Inputs and results pass through memory-mapped
 files (see :mod:`.processes`). :meth:`LavaRunner.close` stops Lava's
-processes, also after an error or Ctrl-C (see :mod:`.session`).
+processes, also after an error, Ctrl-C, SIGTERM or SIGHUP; they also die with
+the host if it is killed (see :mod:`.session` and :mod:`.guard`).
 """
 
 from __future__ import annotations

@@ -5,29 +5,40 @@
 :meth:`~LavaSession.run_steps` then advances every process by a number of steps
 (:func:`await_run` watches Lava's processes while it waits, so a process that
 fails raises instead of hanging the host). :meth:`~LavaSession.close` stops Lava
-(:func:`shutdown_runtime`), also after an error or Ctrl-C: Lava's processes are
-forked with SIGINT ignored, so Ctrl-C reaches only the host, which then stops
-them, terminating any that do not stop in time. The session's work directory
-(the shared result files, in /dev/shm when usable: :func:`make_workdir`) is
-removed on close, or by a finalizer if the session is never closed.
+(:func:`shutdown_runtime`), also after an error, Ctrl-C, SIGTERM or SIGHUP:
+Lava's processes ignore those signals and die with the host (:mod:`.guard`), so
+a signal reaches only the host, which then stops them (killing any that do not
+stop in time, or at once after a signal). The session's work directory (the
+shared result files, in /dev/shm when usable: :func:`make_workdir`) is removed
+on close, or by a finalizer if the session is never closed; one left by a host
+that was killed is removed by the next session (:func:`sweep_stale_workdirs`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import shutil
 import signal
 import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from csqcfs_deploy.errors import BackendUnavailable
 from csqcfs_deploy.simulators.lava.compat import INSTALL_HINT, import_lava
+from csqcfs_deploy.simulators.lava.guard import (
+    Forked,
+    close_guard,
+    deferred,
+    guarded_forks,
+    open_guard,
+    pending_signal,
+    signals_seen,
+)
 
 import_lava()
 
@@ -36,22 +47,10 @@ from lava.magma.core.run_configs import Loihi2SimCfg  # noqa: E402
 from lava.magma.runtime.mgmt_token_enums import MGMT_RESPONSE, enum_equal  # noqa: E402
 
 STOP_TIMEOUT_S = 20.0
+WORKDIR_PREFIX = "csqcfs-lava-"
 
 
 # --------------------------------------------------------------------------- Lava's processes
-
-
-@contextlib.contextmanager
-def _children_ignore_sigint() -> Iterator[None]:
-    """Processes forked inside inherit SIGINT ignored (the host stops them on Ctrl-C)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _actors(runtime: Any) -> list[Any]:
@@ -84,16 +83,29 @@ def shutdown_runtime(runtime: Any, polite: bool = True,
 
     ``polite``: first ask Lava to stop (in a helper thread, so a wedged runtime
     cannot hang the host; skipped after a failure, when Lava's own stop would
-    wait for processes that are blocked on a dead neighbour). Then terminates,
-    by handle, any of its processes still alive, joins the host ends of its
-    channels and shuts its shared-memory manager down. Returns the problems
-    met, one line each.
+    wait for processes that are blocked on a dead neighbour; cut short by a
+    signal). Then kills, by handle, any of its processes still alive (they
+    ignore SIGTERM: :mod:`.guard`), joins the host ends of its channels and asks
+    its shared-memory manager to shut down, which unlinks Lava's /dev/shm
+    segments. Signals that arrive meanwhile are raised when it is done. Returns
+    the problems met, one line each.
     """
-    problems: list[str] = []
-    actors = _actors(runtime)
-    infra = getattr(runtime, "_messaging_infrastructure", None)
-    smm = getattr(infra, "smm", None)
-    manager_proc = getattr(smm, "_process", None)
+    with deferred():
+        problems: list[str] = []
+        stopped = polite and _stop_politely(runtime, timeout_s, problems)
+        if not stopped:
+            _stop_by_force(runtime)
+        if hasattr(runtime, "_is_started"):
+            runtime._is_started = False
+            runtime._is_running = False
+    return problems
+
+
+def _stop_politely(runtime: Any, timeout_s: float, problems: list[str]) -> bool:
+    """Lava's own stop, waited for up to ``timeout_s`` or until a signal comes; whether
+    it finished."""
+    if not getattr(runtime, "_is_started", False):
+        return False
 
     def stop() -> None:
         try:
@@ -101,42 +113,41 @@ def shutdown_runtime(runtime: Any, polite: bool = True,
         except (RuntimeError, OSError, EOFError, ValueError) as exc:
             problems.append(f"Lava stop: {type(exc).__name__}: {exc}")
 
-    stopped = interrupted = False
-    if polite and getattr(runtime, "_is_started", False):
-        stopper = threading.Thread(target=stop, name="lava-stop", daemon=True)
-        stopper.start()
-        try:
-            stopper.join(timeout_s)
-        except KeyboardInterrupt:  # a second Ctrl-C: still end every process, then re-raise
-            interrupted = True
-        stopped = not stopper.is_alive()
-        if not stopped:
-            problems.append(f"Lava did not stop within {timeout_s:.0f} s; terminating its "
-                            "processes")
-    for proc in (*actors, manager_proc):
-        if proc is None or not _alive(proc):
-            continue
-        proc.terminate()
+    stopper = threading.Thread(target=stop, name="lava-stop", daemon=True)
+    stopper.start()
+    deadline = time.monotonic() + timeout_s
+    while stopper.is_alive() and not pending_signal() and time.monotonic() < deadline:
+        stopper.join(0.05)
+    if stopper.is_alive():
+        problems.append("Lava was interrupted while it stopped; killing its processes"
+                        if pending_signal() else
+                        f"Lava did not stop within {timeout_s:.0f} s; killing its processes")
+        return False
+    return True
+
+
+def _stop_by_force(runtime: Any) -> None:
+    """Kill Lava's processes still alive, end the host side, shut the manager down."""
+    infra = getattr(runtime, "_messaging_infrastructure", None)
+    smm = getattr(infra, "smm", None)
+    alive = [proc for proc in _actors(runtime) if _alive(proc)]
+    for proc in alive:
+        proc.kill()
+    for proc in alive:
         _join_quietly(proc, 2.0)
-        if _alive(proc):
-            proc.kill()
-            _join_quietly(proc, 2.0)
-    if not stopped:
-        with contextlib.suppress(OSError, EOFError, ValueError, AttributeError, TypeError):
-            runtime.join()  # the host ends of Lava's channels (their threads end)
-        if smm is not None:
-            with contextlib.suppress(OSError, EOFError, ValueError, AttributeError):
-                smm.shutdown()
-        watchdog = getattr(runtime, "_watchdog_manager", None)
-        if watchdog is not None:
-            with contextlib.suppress(OSError, EOFError, ValueError, AttributeError):
-                watchdog.stop()
-    if hasattr(runtime, "_is_started"):
-        runtime._is_started = False
-        runtime._is_running = False
-    if interrupted:
-        raise KeyboardInterrupt
-    return problems
+    with contextlib.suppress(OSError, EOFError, ValueError, AttributeError, TypeError):
+        runtime.join()  # the host ends of Lava's channels (their threads end)
+    if smm is not None:
+        manager = getattr(getattr(smm, "_manager", None), "_process", None)
+        with contextlib.suppress(OSError, EOFError, ValueError, AttributeError):
+            smm.shutdown()  # the manager unlinks its segments and exits
+        if manager is not None and _alive(manager):
+            manager.kill()
+            _join_quietly(manager, 2.0)
+    watchdog = getattr(runtime, "_watchdog_manager", None)
+    if watchdog is not None:
+        with contextlib.suppress(OSError, EOFError, ValueError, AttributeError):
+            watchdog.stop()
 
 
 def await_run(runtime: Any, poll_max_s: float = 0.005) -> None:
@@ -189,17 +200,44 @@ def _join_quietly(proc: Any, timeout_s: float) -> None:
 
 
 def make_workdir() -> Path:
-    """A fresh directory for result files (in /dev/shm when it is usable)."""
-    return Path(tempfile.mkdtemp(prefix="csqcfs-lava-", dir=_shm_dir()))
+    """A fresh directory for result files (in /dev/shm when it is usable), named after
+    this process; stale ones of dead hosts are removed first."""
+    parent = _shm_dir()
+    sweep_stale_workdirs(Path(parent or tempfile.gettempdir()))
+    return Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-", dir=parent))
+
+
+def sweep_stale_workdirs(parent: Path) -> list[Path]:
+    """Remove the work directories in ``parent`` whose host process is gone (a host
+    killed by SIGKILL cannot remove its own); returns those removed."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for path in parent.glob(f"{WORKDIR_PREFIX}*-*"):
+            pid = path.name[len(WORKDIR_PREFIX):].split("-", 1)[0]
+            if pid.isdigit() and path.is_dir() and not _pid_alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # alive, someone else's
+        return True
+    return True
 
 
 class LavaSession:
     """The Lava processes connected to ``root``, compiled and started once.
 
     ``models``: the ProcessModel per process (see :func:`.network.process_models`);
-    ``workdir``: the result-file directory, removed by :meth:`close`. Lava's
-    processes are forked with SIGINT ignored: Ctrl-C reaches only the host,
-    which then stops them.
+    ``workdir``: the result-file directory, removed by :meth:`close`. From start
+    to close the host's SIGINT, SIGTERM and SIGHUP raise (and none is lost while
+    Lava forks); Lava's processes ignore them and die with the host
+    (:mod:`.guard`), so a signal stops them through the host's :meth:`close`.
     """
 
     def __init__(self, root: Any, models: dict[Any, type], workdir: Path) -> None:
@@ -207,6 +245,9 @@ class LavaSession:
         self.workdir = workdir
         self._runtime: Any = None
         self._closed = False
+        self._forked = Forked()
+        open_guard()
+        self._signals_at_open = signals_seen()
         self._finalizer = weakref.finalize(self, _cleanup, workdir, None)
         try:
             t0 = time.perf_counter()
@@ -218,23 +259,27 @@ class LavaSession:
                                          f"({type(exc).__name__}: {exc}); {INSTALL_HINT}"
                                          ) from None
             t1 = time.perf_counter()
-            with _children_ignore_sigint():
-                try:
-                    root.create_runtime(executable=executable)
-                except (RuntimeError, OSError, ValueError, EOFError) as exc:
-                    raise BackendUnavailable(f"Lava failed to start its processes "
-                                             f"({type(exc).__name__}: {exc}); {INSTALL_HINT}"
-                                             ) from None
-                finally:
-                    self._runtime = root.runtime
-                    self._finalizer.detach()
-                    self._finalizer = weakref.finalize(self, _cleanup, workdir, self._runtime)
+            self._start(executable)
             t2 = time.perf_counter()
         except BaseException:
             self.close(polite=False)
             raise
         self.compile_s = t1 - t0
         self.start_s = t2 - t1
+
+    def _start(self, executable: Any) -> None:
+        """Start Lava's runtime (its processes are forked here, guarded)."""
+        try:
+            with guarded_forks() as self._forked:
+                self.root.create_runtime(executable=executable)
+        except (RuntimeError, OSError, ValueError, EOFError) as exc:
+            raise BackendUnavailable(f"Lava failed to start its processes "
+                                     f"({type(exc).__name__}: {exc}); {INSTALL_HINT}"
+                                     ) from None
+        finally:
+            self._runtime = getattr(self.root, "runtime", None)
+            self._finalizer.detach()
+            self._finalizer = weakref.finalize(self, _cleanup, self.workdir, self._runtime)
 
     @property
     def closed(self) -> bool:
@@ -260,24 +305,57 @@ class LavaSession:
     def close(self, polite: bool = True) -> list[str]:
         """Stop Lava's processes and remove the work directory; idempotent.
 
-        ``polite``: ask Lava to stop first (False after a failure: terminate).
+        ``polite``: ask Lava to stop first (False after a failure, and after a signal
+        since the session opened: kill). A signal during close is raised after it.
         """
         if self._closed:
             return []
         self._closed = True
         problems: list[str] = []
-        if self._runtime is not None:
-            problems = shutdown_runtime(self._runtime, polite=polite)
-        self._finalizer.detach()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        try:
+            with deferred():
+                if self._runtime is not None:
+                    polite = polite and signals_seen() == self._signals_at_open
+                    problems = shutdown_runtime(self._runtime, polite=polite)
+                _kill_leftovers(self._forked.pids)
+                self._finalizer.detach()
+                shutil.rmtree(self.workdir, ignore_errors=True)
+        finally:
+            close_guard()
         return problems
+
+
+def _kill_leftovers(pids: list[int]) -> None:
+    """Kill and reap the children forked at start-up that are still there after Lava's
+    shutdown (a start interrupted between a fork and Lava recording the process);
+    through multiprocessing where it knows the process, so its bookkeeping stays right."""
+    known = {proc.pid: proc for proc in multiprocessing.active_children()}
+    for pid in pids:
+        if pid in known:
+            known[pid].kill()
+            _join_quietly(known[pid], 2.0)
+        elif _parent_of(pid) == os.getpid():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+
+
+def _parent_of(pid: int) -> int | None:
+    """The parent pid of a process (a zombie too), or None when there is none."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _cleanup(directory: Path, runtime: Any) -> None:
     """Finalizer of a session that was never closed (interpreter exit or garbage)."""
-    if runtime is not None:
-        shutdown_runtime(runtime, timeout_s=5.0)
-    shutil.rmtree(directory, ignore_errors=True)
+    try:
+        if runtime is not None:
+            shutdown_runtime(runtime, timeout_s=5.0)
+        shutil.rmtree(directory, ignore_errors=True)
+    finally:
+        close_guard()
 
 
 def _shm_dir() -> str | None:

@@ -27,6 +27,7 @@ Layout, after Norse's own ``functional/`` vs ``module/`` split:
 * :mod:`.runner`: ``--backend norse`` (:class:`NorseRunner`, :func:`open_runner`).
 """
 
+from csqcfs_deploy.simulators.norse import norse_import  # noqa: F401  (first: quietly)
 from csqcfs_deploy.simulators.norse.bounds import (
     FLOAT_DTYPES,
     LayerBound,

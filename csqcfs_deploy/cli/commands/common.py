@@ -11,6 +11,7 @@ from typing import TypeGuard
 from rich.console import Console
 from rich.table import Table
 
+from csqcfs_deploy.cli.arg_types import positive_int
 from csqcfs_deploy.cli.dataset_args import (
     PICK,
     DatasetMismatch,
@@ -65,7 +66,7 @@ def add_json_arg(parser: argparse.ArgumentParser) -> None:
 
 def add_fold_check_args(parser: argparse.ArgumentParser) -> None:
     """--calibration-samples and --no-fold-check (for every command that folds a network)."""
-    parser.add_argument("--calibration-samples", type=int, default=DEFAULT_SAMPLES,
+    parser.add_argument("--calibration-samples", type=positive_int, default=DEFAULT_SAMPLES,
                         metavar="N", help="training samples the folded graph is checked "
                         f"against the model on (default {DEFAULT_SAMPLES})")
     parser.add_argument("--no-fold-check", action="store_true",

@@ -43,6 +43,7 @@ from csqcfs_deploy.cli.model_io import warn
 from csqcfs_deploy.convert.check import FoldCheck
 from csqcfs_deploy.convert.quantize import QuantReport
 from csqcfs_deploy.errors import DatasetError, FidelityGateFailed, UsageError
+from csqcfs_deploy.files import check_output
 from csqcfs_deploy.ir import IFGraph, InputEncoding, save_graph
 from csqcfs_deploy.ir.schedule import RunConfig
 from csqcfs_deploy.run.calibration import Calibrated
@@ -134,6 +135,7 @@ def agreement(model: nn.Module, encoding: InputEncoding, float_graph: IFGraph,
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output(args.output, "IF graph")  # before the work, not after it
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     gates_from_args(args)  # a bad --min-agreement fails before the work

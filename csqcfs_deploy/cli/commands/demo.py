@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from csqcfs_deploy.cli import arg_types
 from csqcfs_deploy.cli.commands.common import add_json_arg, console, print_json, table
 from csqcfs_deploy.cli.commands.report import make_report, plot_report, print_tables
 from csqcfs_deploy.cli.commands.verify import print_result
@@ -23,7 +24,7 @@ from csqcfs_deploy.cli.fidelity_args import (
 )
 from csqcfs_deploy.cli.model_io import FoldCheckOptions, calibration_from, graph_from_network
 from csqcfs_deploy.errors import GraphError, UsageError
-from csqcfs_deploy.files import write_text_atomic
+from csqcfs_deploy.files import check_output, check_output_dir, write_text_atomic
 from csqcfs_deploy.ir import save_graph
 from csqcfs_deploy.ir.schedule import RunConfig, Schedule
 from csqcfs_deploy.report.energy import BUILTIN_ENERGY
@@ -44,11 +45,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                        "export NIR, run on the integer simulator, Lava and Norse, verify every "
                        "spike, report SOPs and energy.")
     p.add_argument("--output-dir", default="demo-output", help="where files go (created)")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timesteps", "-T", type=int, default=1)
-    p.add_argument("--presim", "-P", type=int, default=0)
-    p.add_argument("--lava-samples", type=int, default=40,
+    p.add_argument("--epochs", type=arg_types.positive_int, default=20)
+    p.add_argument("--seed", type=arg_types.seed, default=0)
+    p.add_argument("--timesteps", "-T", type=arg_types.timesteps, default=1)
+    p.add_argument("--presim", "-P", type=arg_types.presim_steps, default=0)
+    p.add_argument("--lava-samples", type=arg_types.positive_int, default=40,
                    help="test samples for Lava (slow: about 3 per second); others use all 360")
     add_scale_args(p, rounding="gptq")  # cheap on digits-cnn; keeps 8-bit weights closest
     add_gate_args(p)
@@ -94,6 +95,10 @@ class DemoSummary:
         }
 
 
+#: The files the demo writes into --output-dir.
+DEMO_FILES = ("digits-cnn.pt", "digits-cnn.ifg", "digits-cnn.nir", "digits-cnn-portable.nir",
+              "verify.json", "report.json", "report.png")
+
 #: Step 4: (back end, its schedule, whether it runs every test sample; else --lava-samples).
 _RUNS: tuple[tuple[str, Schedule, bool], ...] = (
     ("int", "synchronous", True), ("norse", "synchronous", True), ("lava", "pipelined", False))
@@ -103,8 +108,9 @@ def run(args: argparse.Namespace) -> int:
     if args.lava_samples < 1 or args.epochs < 1:
         raise UsageError("--lava-samples and --epochs must be >= 1")
     start = time.perf_counter()
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(args.output_dir)
+    for name in DEMO_FILES:  # before the work: none of them is a directory or a device
+        check_output(out / name)
     con = console()
     quiet = bool(args.json)
 

@@ -30,6 +30,7 @@ from csqcfs_deploy.cli.commands.common import (
 from csqcfs_deploy.cli.commands.run import fold_check_json
 from csqcfs_deploy.cli.fidelity_args import add_scale_args
 from csqcfs_deploy.errors import BackendUnavailable, UsageError
+from csqcfs_deploy.files import check_output
 from csqcfs_deploy.ir import IFGraph
 
 
@@ -108,6 +109,7 @@ def _per_layer(graph: IFGraph) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output(args.output)  # before the work, not after it
     target = TARGETS[args.target]
     flavor = _flavor(target, args.flavor)
     writer = target.writer()

@@ -56,7 +56,7 @@ from csqcfs_deploy.cli.fidelity_args import (
 )
 from csqcfs_deploy.cli.model_io import warn
 from csqcfs_deploy.errors import UsageError
-from csqcfs_deploy.files import write_atomic, write_text_atomic
+from csqcfs_deploy.files import check_output, write_atomic, write_text_atomic
 from csqcfs_deploy.ir import IFGraph
 from csqcfs_deploy.ir.schedule import SCHEDULES, RunConfig, latency_steps, total_steps
 from csqcfs_deploy.report.energy import EnergyConstants, EnergyEstimate, estimate, resolve_energy
@@ -264,6 +264,9 @@ def plot_report(report: Report, path: str) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.plot is not None and not str(args.plot).lower().endswith(".png"):
         raise UsageError(f"--plot must name a .png file, got {args.plot}")
+    for path, what in ((args.json, "JSON report"), (args.plot, "plot")):
+        if path and path != "-":  # before the simulation, not after it
+            check_output(path, what)
     report = build_report(args)
     if args.plot:
         plot_report(report, args.plot)

@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
+from csqcfs_deploy.cli import arg_types
 from csqcfs_deploy.cli.commands.common import (
     add_dataset_args,
     add_fold_check_args,
@@ -39,12 +40,13 @@ from csqcfs_deploy.run.memory import format_bytes
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--timesteps", "-T", type=int, default=1, help="counted steps T")
-    p.add_argument("--presim", "-P", type=int, default=0,
+    p.add_argument("--timesteps", "-T", type=arg_types.timesteps, default=1,
+                   help=f"counted steps T, 1..{arg_types.MAX_STEPS}")
+    p.add_argument("--presim", "-P", type=arg_types.presim_steps, default=0,
                    help="pre-simulation steps P (SRP; outputs discarded)")
-    p.add_argument("--samples", type=int, default=None,
+    p.add_argument("--samples", type=arg_types.positive_int, default=None,
                    help="first N samples of the test split (default all)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=arg_types.positive_int, default=128)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 from numpy.typing import NDArray
 from tqdm import tqdm
 
+from csqcfs_deploy.cli import arg_types
 from csqcfs_deploy.cli.commands.common import (
     add_dataset_args,
     add_fold_check_args,
@@ -34,8 +34,8 @@ from csqcfs_deploy.cli.commands.run import fold_check_json, print_fold_check, sp
 from csqcfs_deploy.cli.fidelity_args import add_scale_args
 from csqcfs_deploy.cli.model_io import LoadedModel
 from csqcfs_deploy.convert.check import FoldCheck
-from csqcfs_deploy.errors import InputFileError, UsageError
-from csqcfs_deploy.files import write_atomic
+from csqcfs_deploy.errors import UsageError
+from csqcfs_deploy.files import check_output, write_atomic
 from csqcfs_deploy.ir.schedule import SCHEDULES, RunConfig
 from csqcfs_deploy.run.evaluation import EvalSummary, evaluate
 from csqcfs_deploy.run.reference import ann_forward, input_units
@@ -49,34 +49,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add_model_args(p)
     add_dataset_args(p)
     add_fold_check_args(p)
-    p.add_argument("--timesteps", "-T", default="1,2,4,8",
-                   help="comma-separated counted steps (default 1,2,4,8)")
-    p.add_argument("--presim", "-P", default="0",
+    p.add_argument("--timesteps", "-T", type=arg_types.step_list(1), default="1,2,4,8",
+                   help="comma-separated counted steps, each 1.."
+                   f"{arg_types.MAX_STEPS} (default 1,2,4,8)")
+    p.add_argument("--presim", "-P", type=arg_types.step_list(0), default="0",
                    help="comma-separated pre-simulation steps (default 0), e.g. 0,4")
     p.add_argument("--schedule", choices=SCHEDULES, default="synchronous")
-    p.add_argument("--samples", type=int, default=None,
+    p.add_argument("--samples", type=arg_types.positive_int, default=None,
                    help="first N samples of the test split (default all)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=arg_types.positive_int, default=128)
     add_scale_args(p)
     p.add_argument("--plot", metavar="FILE.png", help="write accuracy against latency as a PNG")
     add_json_arg(p)
     p.set_defaults(func=run)
-
-
-def int_list(text: str, what: str, minimum: int) -> tuple[int, ...]:
-    """'1,2,4' -> (1, 2, 4); UsageError naming ``what`` for anything else."""
-    values: list[int] = []
-    for item in str(text).split(","):
-        item = item.strip()
-        try:
-            value = int(item)
-        except ValueError:
-            raise UsageError(f"{what} must be comma-separated integers, got {text!r}") from None
-        if value < minimum:
-            raise UsageError(f"{what} must be >= {minimum}, got {value}")
-        if value not in values:
-            values.append(value)
-    return tuple(values)
 
 
 @dataclass(frozen=True)
@@ -181,17 +166,14 @@ class SweepReport:
 
 
 def run(args: argparse.Namespace) -> int:
-    timesteps = int_list(args.timesteps, "--timesteps", 1)
-    presims = int_list(args.presim, "--presim", 0)
+    timesteps, presims = tuple(args.timesteps), tuple(args.presim)  # cli.arg_types.step_list
     schedule = as_schedule(args.schedule)
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.plot is not None:
         if not str(args.plot).lower().endswith(".png"):
             raise UsageError(f"--plot writes a PNG; give a .png file name, got {args.plot!r}")
-        folder = Path(args.plot).parent
-        if not folder.is_dir():  # say so before the sweep runs, not after
-            raise InputFileError(f"output directory does not exist: {folder}")
+        check_output(args.plot, "plot")  # say so before the sweep runs, not after
     loaded = resolve_model(args)
     raw, labels, ds_name = split(args, loaded)
     if not args.json:

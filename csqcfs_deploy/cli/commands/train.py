@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 
+from csqcfs_deploy.cli import arg_types
 from csqcfs_deploy.cli.commands.common import add_json_arg, console, print_json
 from csqcfs_deploy.cli.dataset_args import add_dataset_args, resolve_dataset
 from csqcfs_deploy.errors import UsageError
+from csqcfs_deploy.files import check_output
 from csqcfs_deploy.train.checkpoint import save_checkpoint
 from csqcfs_deploy.train.training import TrainOptions, train
 from csqcfs_deploy.train.zoo import ARCHITECTURES
@@ -24,18 +26,22 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--arch", choices=sorted(ARCHITECTURES), default=None,
                    help="architecture (default: digits-cnn for 1x8x8 inputs, resnet20 for "
                    "3x32x32)")
-    p.add_argument("--levels", type=int, default=1, help="quantization levels L (default 1)")
-    p.add_argument("--phi", type=float, default=0.5)
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--levels", type=arg_types.levels, default=1,
+                   help=f"quantization levels L, 1..{arg_types.MAX_LEVELS} (default 1)")
+    p.add_argument("--phi", type=arg_types.phi, default=0.5,
+                   help="QCFS shift phi in [0, 1) (default 0.5)")
+    p.add_argument("--epochs", type=arg_types.positive_int, default=20)
+    p.add_argument("--batch-size", type=arg_types.positive_int, default=64)
+    p.add_argument("--lr", type=arg_types.positive_float, default=5e-3,
+                   help="learning rate, a finite number > 0 (default 0.005)")
+    p.add_argument("--seed", type=arg_types.seed, default=0)
     p.add_argument("-o", "--output", required=True, help="checkpoint to write")
     add_json_arg(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output(args.output, "checkpoint")  # before the training, not after it
     if args.levels < 1:
         raise UsageError(f"--levels must be >= 1, got {args.levels}")
     if args.epochs < 1:

@@ -16,6 +16,7 @@ import torch
 from torch.nn import functional as F
 
 from csqcfs_deploy.errors import GraphError
+from csqcfs_deploy.ir.fields import MAX_WINDOW, as_int, as_pair
 from csqcfs_deploy.ir.kinds.generic import (
     BiasedOp,
     FloatArray,
@@ -26,7 +27,7 @@ from csqcfs_deploy.ir.kinds.generic import (
     projection_macs,
     scale_op_inputs,
 )
-from csqcfs_deploy.ir.nodes import Projection, register, set_field, window_out
+from csqcfs_deploy.ir.nodes import Projection, check_padded, register, set_field, window_out
 
 
 @dataclass(frozen=True, eq=False)
@@ -52,14 +53,13 @@ class ConvProjection(Projection):
 
     def __post_init__(self) -> None:
         self._check_common(4)
-        set_field(self, "stride", tuple(int(v) for v in self.stride))
-        set_field(self, "padding", tuple(int(v) for v in self.padding))
-        set_field(self, "groups", int(self.groups))
-        if len(self.stride) != 2 or min(self.stride) < 1:
-            raise GraphError(f"projection {self.name}: bad stride {self.stride}")
-        if len(self.padding) != 2 or min(self.padding) < 0:
-            raise GraphError(f"projection {self.name}: bad padding {self.padding}")
-        if self.groups < 1 or self.weight.shape[0] % self.groups:
+        where = f"projection {self.name}"
+        set_field(self, "stride", as_pair(self.stride, f"{where} stride", 1))
+        set_field(self, "padding", as_pair(self.padding, f"{where} padding", 0))
+        set_field(self, "groups", as_int(self.groups, f"{where} groups", 1))
+        for k in self.kernel:
+            as_int(k, f"{where} kernel size", 1, MAX_WINDOW)
+        if self.weight.shape[0] % self.groups:
             raise GraphError(f"projection {self.name}: groups {self.groups} do not divide "
                              f"{self.weight.shape[0]} output channels")
 
@@ -72,6 +72,7 @@ class ConvProjection(Projection):
         if len(shape) != 3:
             raise GraphError(f"projection {self.name}: conv needs (C, H, W) input, got {shape}")
         c, h, w = shape
+        check_padded(shape, self.padding, f"projection {self.name}")
         if c != self.weight.shape[1] * self.groups:
             raise GraphError(f"projection {self.name}: weight expects "
                              f"{self.weight.shape[1] * self.groups} input channels, source has {c}")
