@@ -257,19 +257,18 @@ def load_model(path: str | Path | None, profile: str | None = None,
         raise UsageError("MODEL is required (a checkpoint, .ifg or .nir file)")
     p = require_file(path, "model file")
     kind = file_kind(p)
-    if kind == "ifg":
-        graph = load_graph(p)
+    if kind in ("ifg", "nir"):
+        if kind == "ifg":
+            graph = load_graph(p)
+        else:
+            from csqcfs_deploy.exporters.nir import read_nir_graph
+
+            graph = read_nir_graph(p)
         _check_profile_arg(graph, profile, p)
         try:
             check_profile(graph)
         except QuantizationError as exc:
             raise QuantizationError(f"{p}: {exc}") from None
-        return LoadedModel(graph, p, kind)
-    if kind == "nir":
-        from csqcfs_deploy.exporters.nir import read_nir_graph
-
-        graph = read_nir_graph(p)
-        _check_profile_arg(graph, profile, p)
         return LoadedModel(graph, p, kind)
     model, config = load_checkpoint(p)
     if encoding_override is not None:

@@ -89,25 +89,7 @@ def vgg16(
         nn.Dropout(0.5),
         nn.Linear(4096, num_classes),
     ]
-    model = nn.Sequential(*layers)
-    _kaiming_linears(model)
-    return model
-
-
-def _kaiming_linears(model: nn.Module) -> None:
-    """He-initialise the classifier's Linear layers (zero bias).
-
-    PyTorch's default Linear init gives the 4096-wide classifier pre-activations
-    of std ~0.3, so at threshold 8 and L = 8 only 4 % (then 0.5 %) of its
-    neurons are ever non-zero and training sits at ln 10 on small data sets
-    (digits32); He init keeps about a third active. A training detail only: the
-    architecture is the QCFS code's.
-    """
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
+    return nn.Sequential(*layers)
 
 
 class BasicBlock(nn.Module):
