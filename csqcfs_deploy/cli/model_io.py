@@ -258,17 +258,18 @@ def load_model(path: str | Path | None, profile: str | None = None,
     p = require_file(path, "model file")
     kind = file_kind(p)
     if kind in ("ifg", "nir"):
-        if kind == "ifg":
-            graph = load_graph(p)
-        else:
-            from csqcfs_deploy.exporters.nir import read_nir_graph
-
-            graph = read_nir_graph(p)
-        _check_profile_arg(graph, profile, p)
         try:
+            if kind == "ifg":
+                graph = load_graph(p)
+            else:
+                from csqcfs_deploy.exporters.nir import read_nir_graph
+
+                graph = read_nir_graph(p)
             check_profile(graph)
         except QuantizationError as exc:
-            raise QuantizationError(f"{p}: {exc}") from None
+            message = str(exc)
+            raise QuantizationError(message if str(p) in message else f"{p}: {message}") from None
+        _check_profile_arg(graph, profile, p)
         return LoadedModel(graph, p, kind)
     model, config = load_checkpoint(p)
     if encoding_override is not None:
