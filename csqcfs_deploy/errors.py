@@ -71,6 +71,11 @@ class DatasetError(CsqcfsError):
     exit_code = 7
 
 
+class UnknownDataset(DatasetError):
+    """A dataset name that no loader knows (as opposed to a known one with no local
+    copy): never replaced by random calibration inputs."""
+
+
 class FidelityGateFailed(CsqcfsError):
     """The deployed network does not agree with the float IF graph (``--min-agreement``)
     or with the user's model (``--min-source-agreement``) as often as asked."""

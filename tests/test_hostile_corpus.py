@@ -129,9 +129,10 @@ def test_the_real_files_are_accepted(base_files: BaseFiles, server: ForkServer) 
 ALWAYS = ("generic/signature-nir-SNOD", "ifg/unreferenced-12GiB-member", "ifg/pickled-array",
           "ifg/corrupt-deflate-manifest", "ifg/weight-exp-1e20", "ifg/weights-complex",
           "ifg/padding-20000", "ifg/shape-strings", "nir/chunk-bomb", "nir/groups-array",
-          "nir/stride-0", "checkpoint/pickle-payload", "checkpoint/levels-0", "data/pickled",
-          "cifar/pickled-code", "cifar/empty-test-batch", "energy/deep-list",
-          "energy/source-int", "output/read-only", "output/proc", "option/timesteps-1000000",
+          "nir/stride-0", "checkpoint/pickle-payload", "checkpoint/levels-0",
+          "checkpoint/dataset-unknown", "data/pickled", "cifar/pickled-code",
+          "cifar/empty-test-batch", "energy/deep-list", "energy/source-int",
+          "output/read-only", "output/proc", "option/timesteps-1000000",
           "option/report-batch-size-0", "target/netx-int16-profile")
 #: cases per category in the default run besides those (the slow run takes all)
 PER_CATEGORY = 6

@@ -1,5 +1,6 @@
 """NIR exchange: lossless round trips, the portable flavour against the simulator through
-Norse's own NIR reader, plain NIR files, and bad input from the command line."""
+Norse's own NIR reader, plain NIR files, and bad input from the command line (the
+flavours against plain NIR semantics: tests/test_nir_export.py)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from csqcfs_deploy.exporters.nir import (
     read_nir_graph,
     write_nir_graph,
 )
+from csqcfs_deploy.exporters.nir.writer import read_back
 from csqcfs_deploy.ir import (
     NODE_TYPES,
     ConvProjection,
@@ -142,7 +144,9 @@ def test_every_node_type_round_trips_through_a_file(tmp_path: Path, profile: str
     assert {type(n).__name__ for n in (*g.layers, *g.projections, g.meta,
                                        g.meta.calibration)} | {"SumPool"} == set(NODE_TYPES)
     path = write_nir_graph(g, tmp_path / "toy.nir")
-    ng = nir.read(path)  # NIR's own reader, with its type check
+    with pytest.raises(AssertionError):  # a native file: plain NIR readers refuse it
+        nir.read(path)
+    ng = read_back(path, "native")  # NIR's own nodes, with its type check
     assert {type(n).__name__ for n in ng.nodes.values()} >= {
         "Input", "IF", "Output", "Conv2d", "Affine", "SumPool2d", "Flatten"}
     # the residual sums are two edges into one neuron node
@@ -184,20 +188,26 @@ def test_portable_flavour_round_trips_from_metadata(tmp_path: Path, profile: str
     assert read_nir_graph(path).equals(g)
 
 
+def _with_c2_pool(g: IFGraph, pool: SumPool) -> IFGraph:
+    c2 = g.node("c2")
+    return g.replace(projections=tuple(
+        ConvProjection("c2", "a", "b", c2.weight, pool, padding=(1, 1), groups=3)
+        if p.name == "c2" else p for p in g.projections))
+
+
 def test_portable_flavour_refuses_what_it_cannot_say(tmp_path: Path) -> None:
+    per_channel = _with_c2_pool(toy_graph("int8", weight_exp=0), SumPool((2, 2), (2, 2)))
+    assert nir_to_graph(graph_to_nir(per_channel, "portable")).equals(per_channel)
     with pytest.raises(UsageError, match="layer a has per-channel thresholds.*"
                        "--per-layer-thresholds"):
-        graph_to_nir(toy_graph("int8"), "portable")
-    with pytest.raises(UsageError, match="projection fc1 has weight exponent 1"):
-        graph_to_nir(toy_graph("int8", per_layer=True), "portable")
-    padded = toy_graph("int8", per_layer=True, weight_exp=0)
-    c2 = padded.node("c2")
-    padded = padded.replace(projections=tuple(
-        ConvProjection("c2", "a", "b", c2.weight, SumPool((3, 3), (2, 2), (1, 1)),
-                       padding=(1, 1), groups=3) if p.name == "c2" else p
-        for p in padded.projections))
-    with pytest.raises(UsageError, match="projection c2 has a padded sum pool"):
-        graph_to_nir(padded, "portable")
+        graph_to_nir(per_channel, "portable-uniform")
+    for flavor in ("portable", "portable-uniform"):
+        with pytest.raises(UsageError, match="projection fc1 has weight exponent 1"):
+            graph_to_nir(toy_graph("int8", per_layer=True), flavor)
+        padded = _with_c2_pool(toy_graph("int8", per_layer=True, weight_exp=0),
+                               SumPool((3, 3), (2, 2), (1, 1)))
+        with pytest.raises(UsageError, match="projection c2 has a padded sum pool"):
+            graph_to_nir(padded, flavor)
     with pytest.raises(UsageError, match="unknown NIR flavour"):
         graph_to_nir(toy_graph("int8"), "fancy")
     assert list(tmp_path.iterdir()) == []
@@ -209,10 +219,12 @@ def test_zoo_round_trips_through_files(tmp_path: Path, zoo_float_graphs: dict[st
                                        arch: str, profile: str) -> None:
     g = zoo_graph(zoo_float_graphs, arch, profile)
     path = write_nir_graph(g, tmp_path / "g.nir")
-    assert isinstance(nir.read(path), nir.NIRGraph)
     assert read_nir_graph(path).equals(g)
+    per_channel = write_nir_graph(g, tmp_path / "per_channel.nir", flavor="portable")
+    assert isinstance(nir.read(per_channel), nir.NIRGraph)
+    assert read_nir_graph(per_channel).equals(g)
     gl = zoo_graph(zoo_float_graphs, arch, profile, per_layer=True)
-    p = write_nir_graph(gl, tmp_path / "portable.nir", flavor="portable")
+    p = write_nir_graph(gl, tmp_path / "portable.nir", flavor="portable-uniform")
     assert isinstance(nir.read(p), nir.NIRGraph)
     assert read_nir_graph(p).equals(gl)
     assert nir_to_graph(graph_to_nir(gl, "native")).equals(gl)
@@ -247,7 +259,7 @@ def test_large_zoo_graphs_round_trip_through_files(tmp_path: Path,
 
 def test_metadata_keeps_its_types_and_is_documented(tmp_path: Path) -> None:
     g = toy_graph("loihi2")
-    ng = nir.read(write_nir_graph(g, tmp_path / "toy.nir"))
+    ng = read_back(write_nir_graph(g, tmp_path / "toy.nir"), "native")
     md = ng.metadata
     assert md["format"] == NIR_FORMAT and isinstance(md["format_version"], np.integer)
     assert isinstance(md["phi"], np.floating) and isinstance(md["profile"], str)
@@ -330,7 +342,7 @@ def test_export_checkpoint_then_run_the_nir_file(tmp_path: Path, digits_checkpoi
     assert main(["export", str(digits_checkpoint), "--target", "nir", "-o", str(out),
                  "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["flavor"] == "native" and report["verified_round_trip"] is True
+    assert report["flavor"] == "portable" and report["verified_round_trip"] is True
     assert report["node_types"]["IF"] == 4
     assert main(["run", str(out), "--backend", "int", "--samples", "40", "--json"]) == 0
     run = json.loads(capsys.readouterr().out)
@@ -344,27 +356,28 @@ def test_export_checkpoint_then_run_the_nir_file(tmp_path: Path, digits_checkpoi
     ifg = save_graph(read_nir_graph(port), tmp_path / "g.ifg")
     again = tmp_path / "again.nir"
     assert main(["export", str(ifg), "--flavor", "portable", "-o", str(again)]) == 0
-    assert main(["export", str(port), "-o", str(tmp_path / "native.nir")]) == 0
+    assert main(["export", str(port), "--flavor", "native", "-o",
+                 str(tmp_path / "native.nir")]) == 0
     capsys.readouterr()
     assert read_nir_graph(again).equals(read_nir_graph(tmp_path / "native.nir"))
 
 
-def test_portable_without_per_layer_thresholds_is_refused(
+def test_portable_uniform_without_per_layer_thresholds_is_refused(
         tmp_path: Path, digits_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "x.nir"
-    assert main(["export", str(digits_checkpoint), "--flavor", "portable", "-o", str(out)]) \
-        == UsageError.exit_code
+    assert main(["export", str(digits_checkpoint), "--flavor", "portable-uniform", "-o",
+                 str(out)]) == UsageError.exit_code
     assert "--per-layer-thresholds" in one_line_error(capsys)
     assert main(["export", str(digits_checkpoint), "--flavor", "wide", "-o", str(out)]) \
         == UsageError.exit_code
-    assert "flavours native, portable" in one_line_error(capsys)
+    assert "flavours portable, portable-uniform, native" in one_line_error(capsys)
     assert list(tmp_path.iterdir()) == []
 
 
 def _native_file(tmp_path: Path) -> tuple[Path, nir.NIRGraph]:
     g = toy_graph("int8")
     path = write_nir_graph(g, tmp_path / "good.nir")
-    return path, nir.read(path)
+    return path, read_back(path, "native")
 
 
 def _write_raw(path: Path, ng: nir.NIRGraph) -> Path:
@@ -454,11 +467,12 @@ def _same_nir(a: nir.NIRGraph, b: nir.NIRGraph) -> bool:
         and same(a.metadata, b.metadata)
 
 
-@pytest.mark.parametrize("flavor", ["native", "portable"])
+@pytest.mark.parametrize("flavor", ["native", "portable", "portable-uniform"])
 def test_nir_to_if_graph_to_nir_is_lossless(tmp_path: Path, flavor: str) -> None:
     g = toy_graph("loihi2", per_layer=True, weight_exp=0)
-    first = nir.read(write_nir_graph(g, tmp_path / "a.nir", flavor=flavor))
-    again = nir.read(write_nir_graph(nir_to_graph(first), tmp_path / "b.nir", flavor=flavor))
+    first = read_back(write_nir_graph(g, tmp_path / "a.nir", flavor=flavor), flavor)
+    again = read_back(write_nir_graph(nir_to_graph(first), tmp_path / "b.nir", flavor=flavor),
+                      flavor)
     assert _same_nir(first, again)
     # the comparison notices a change
     again.nodes["c1"].weight = again.nodes["c1"].weight + 1

@@ -215,7 +215,8 @@ def test_a_forked_worker_still_dies_of_sigterm() -> None:
 
 def test_sliced_nir_file_is_nir_writes_file(tmp_path: Path) -> None:
     """Same datasets, dtypes and values as ``nir.write``; big arrays read back whole."""
-    ng = graph_to_nir(toy_graph("loihi2"))
+    # portable: a native file stores its IF nodes with our own type on purpose
+    ng = graph_to_nir(toy_graph("loihi2", per_layer=True, weight_exp=0), "portable")
     nir.write(tmp_path / "theirs.nir", ng)
     write_nir_file(tmp_path / "ours.nir", ng)
 

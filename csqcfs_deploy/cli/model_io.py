@@ -20,6 +20,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -33,6 +34,7 @@ from csqcfs_deploy.errors import (
     FoldMismatch,
     InputFileError,
     QuantizationError,
+    UnknownDataset,
     UsageError,
 )
 from csqcfs_deploy.files import require_file
@@ -43,6 +45,9 @@ from csqcfs_deploy.ir.profiles import get_profile
 from csqcfs_deploy.run.calibration import Calibrated, CalibrationPlan, calibrated_quantize
 from csqcfs_deploy.train.checkpoint import ModelConfig, load_checkpoint, load_user_model
 from csqcfs_deploy.train.datasets import Dataset, load_dataset
+
+if TYPE_CHECKING:
+    from csqcfs_deploy.exporters.nir.float_import import NirImport
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 ZIP_MAGIC = b"PK\x03\x04"
@@ -61,10 +66,29 @@ class LoadedModel:
     report: QuantReport | None = None
     fold_check: FoldCheck | None = None    # None: not folded here, or --no-fold-check
     calibration: Calibrated | None = None  # None: not folded here, or --scales weights
+    imported: NirImport | None = None      # a float NIR graph quantized on load
 
     @property
     def float_graph(self) -> IFGraph | None:
+        if self.imported is not None:
+            return self.imported.graph
         return None if self.fold is None else self.fold.graph
+
+    @property
+    def passes(self) -> dict[str, int]:
+        """What was folded (pass or NIR rewrite -> count)."""
+        if self.imported is not None:
+            return dict(self.imported.folded)
+        return {} if self.fold is None else self.fold.log.counts()
+
+
+@dataclass(frozen=True)
+class NirOptions:
+    """How a float NIR graph is read: ``semantics`` (``--source-semantics``; None: nir)
+    and ``encoding_of`` (a dataset name -> its encoding; None: :func:`load_dataset`'s)."""
+
+    semantics: str | None = None
+    encoding_of: Callable[[str], InputEncoding] | None = None
 
 
 # --------------------------------------------------------------------------- fold check
@@ -141,7 +165,7 @@ def calibration_samples(config: ModelConfig, opts: FoldCheckOptions) -> Calibrat
     try:
         cal = source(config)
     except DatasetError as exc:
-        if not opts.random_fallback:
+        if not opts.random_fallback or isinstance(exc, UnknownDataset):
             raise
         reason = str(exc).strip().splitlines()[0][:100] if str(exc).strip() else "none"
         warn(f"no calibration data ({reason}); the fold check and the calibrated scales use "
@@ -210,19 +234,28 @@ def graph_from_network(model: nn.Module, config: ModelConfig, profile: str,
                   num_classes=config.num_classes)
     cal = calibration_samples(config, opts) if (opts.enabled or plan.enabled) else None
     fold_check = run_fold_check(model, folded, config, opts, cal)
-    prof = get_profile(profile)
-    calibrated = None
-    if plan.enabled and cal is not None:
-        graph, report, calibrated = calibrated_quantize(folded.graph, prof, per_channel,
-                                                        cal.raw, cal.source, plan)
-        graph = graph.replace(meta=replace(graph.meta, calibration=CalibrationRecord(
-            plan.timesteps, plan.presim, calibrated.ranges.samples, cal.source,
-            calibrated.fidelity)))
-    else:
-        graph, report = quantize(folded.graph, prof, per_channel=per_channel,
-                                 options=ScaleOptions(netx=plan.netx))
+    graph, report, calibrated = quantize_float(folded.graph, profile, per_channel, plan, cal)
     return LoadedModel(graph, source, kind, model, config, folded, report, fold_check,
                        calibrated)
+
+
+def quantize_float(float_graph: IFGraph, profile: str, per_channel: bool | None,
+                   plan: CalibrationPlan, cal: Calibration | None
+                   ) -> tuple[IFGraph, QuantReport, Calibrated | None]:
+    """Quantize a float IF graph to ``profile``: scales calibrated on ``cal`` for ``plan``
+    (recorded in the graph's metadata), or from the weights alone (``cal`` None or
+    ``plan.enabled`` False)."""
+    prof = get_profile(profile)
+    if not plan.enabled or cal is None:
+        graph, report = quantize(float_graph, prof, per_channel=per_channel,
+                                 options=ScaleOptions(netx=plan.netx))
+        return graph, report, None
+    graph, report, calibrated = calibrated_quantize(float_graph, prof, per_channel,
+                                                    cal.raw, cal.source, plan)
+    graph = graph.replace(meta=replace(graph.meta, calibration=CalibrationRecord(
+        plan.timesteps, plan.presim, calibrated.ranges.samples, cal.source,
+        calibrated.fidelity)))
+    return graph, report, calibrated
 
 
 def load_model(path: str | Path | None, profile: str | None = None,
@@ -233,13 +266,15 @@ def load_model(path: str | Path | None, profile: str | None = None,
                model_args: str | None = None,
                encoding_override: Callable[[InputEncoding], InputEncoding] | None = None,
                check: FoldCheckOptions | None = None,
-               plan: CalibrationPlan | None = None) -> LoadedModel:
+               plan: CalibrationPlan | None = None,
+               nir_import: NirOptions | None = None) -> LoadedModel:
     """Resolve MODEL (or ``--model/--weights``) into an integer IF graph.
 
     ``encoding_override`` maps a checkpoint's recorded encoding to the one to
     fold with (``--mean/--std``...); ``encoding`` is the one for ``--model``.
     ``check``: how a network is checked after folding (:class:`FoldCheckOptions`);
-    ``plan``: what its scales are calibrated for (:class:`CalibrationPlan`).
+    ``plan``: what its scales are calibrated for (:class:`CalibrationPlan`);
+    ``nir_import``: how a float NIR graph is read (:mod:`csqcfs_deploy.cli.nir_import`).
     """
     if model_args is not None and user_model is None:
         raise UsageError("--model-args needs --model MODULE:FACTORY")
@@ -257,14 +292,21 @@ def load_model(path: str | Path | None, profile: str | None = None,
         raise UsageError("MODEL is required (a checkpoint, .ifg or .nir file)")
     p = require_file(path, "model file")
     kind = file_kind(p)
+    nir_opts = nir_import or NirOptions()
+    if kind != "nir" and nir_opts.semantics is not None:
+        raise UsageError("--source-semantics applies to a float NIR graph (MODEL.nir)")
     if kind in ("ifg", "nir"):
         try:
             if kind == "ifg":
                 graph = load_graph(p)
             else:
-                from csqcfs_deploy.exporters.nir import read_nir_graph
+                from csqcfs_deploy.cli.nir_import import load_nir_model
 
-                graph = read_nir_graph(p)
+                read = load_nir_model(p, profile, per_channel, dataset, encoding_override,
+                                      check, plan, nir_opts)
+                if isinstance(read, LoadedModel):
+                    return read
+                graph = read
             check_profile(graph)
         except QuantizationError as exc:
             message = str(exc)
@@ -274,8 +316,15 @@ def load_model(path: str | Path | None, profile: str | None = None,
     model, config = load_checkpoint(p)
     if encoding_override is not None:
         config = replace(config, encoding=encoding_override(config.encoding))
-    return graph_from_network(model, config, profile or "loihi2", per_channel, p, kind, check,
-                              plan)
+    try:
+        return graph_from_network(model, config, profile or "loihi2", per_channel, p, kind,
+                                  check, plan)
+    except UnknownDataset as exc:
+        if repr(config.dataset) not in str(exc):
+            raise
+        raise UnknownDataset(f"{p} names dataset {config.dataset!r}, which no loader knows "
+                             f"({exc}); give its data with --data FILE.npz or pick one with "
+                             "--dataset") from None
 
 
 def _check_profile_arg(graph: IFGraph, profile: str | None, path: Path) -> None:

@@ -376,8 +376,9 @@ def quantize(graph: IFGraph, profile: Profile | str, per_channel: bool | None = 
         step_bound *= unit
         if isinstance(layer, IFLayer):
             v_th = (k.astype(np.int64) * unit)
-            b_int = np.array([prof.round_bias(b * t) for b, t in zip(bias, v_th, strict=True)],
-                             dtype=np.int64)
+            # the bias limit on K holds before bias correction; a corrected bias saturates
+            b_int = np.array([prof.round_bias(_clip_bias(b * t, prof))
+                              for b, t in zip(bias, v_th, strict=True)], dtype=np.int64)
             v_init = np.rint(graph.meta.phi * v_th).astype(np.int64)
             if prof.strict:
                 v_init = v_init + 1
@@ -388,7 +389,8 @@ def quantize(graph: IFGraph, profile: Profile | str, per_channel: bool | None = 
             th_min, th_max = int(v_th.min()), int(v_th.max())
         else:
             kk = float(k[0])
-            b_int = np.array([prof.round_bias(b * kk * unit) for b in bias], dtype=np.int64)
+            b_int = np.array([prof.round_bias(_clip_bias(b * kk * unit, prof)) for b in bias],
+                             dtype=np.int64)
             new_layers[name] = ReadoutLayer(name, layer.shape, b_int, layer.scale / (kk * unit))
             scale = np.array([layer.scale / (kk * unit)])
             th_min = th_max = 0
@@ -423,6 +425,11 @@ def quantize(graph: IFGraph, profile: Profile | str, per_channel: bool | None = 
     return qgraph, QuantReport(prof.name, bool(per_channel), tuple(reports), tuple(warnings),
                                "weights" if opts.ranges is None else "calibrated",
                                opts.margin, opts.ranges)
+
+
+def _clip_bias(value: float, prof: Profile) -> float:
+    """A real bias (membrane units) saturated to the profile's representable range."""
+    return float(min(max(value, -prof.bias_max), prof.bias_max))
 
 
 def check_profile(graph: IFGraph) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from csqcfs_deploy.errors import DatasetError, UsageError
+from csqcfs_deploy.errors import DatasetError, UnknownDataset, UsageError
 from csqcfs_deploy.ir import InputEncoding
 
 DIGITS_TEST_FRACTION = 0.2
@@ -392,7 +392,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None,
         return check_splits(load_npz_dataset(name[len(DATA_PREFIX):], classes))
     loader = LOADERS.get(name)
     if loader is None:
-        raise DatasetError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)}, "
+        raise UnknownDataset(f"unknown dataset {name!r} (known: {', '.join(DATASETS)}, "
                            f"or {DATA_PREFIX}FILE.npz)")
     return check_splits(loader(None if data_dir is None else Path(data_dir)))
 

@@ -10,7 +10,8 @@ its NIR node type through :data:`WEIGHTED_NODES` (a :class:`KindTable`):
     nir.Linear   -> as Affine, without a bias
 
 A NIR weight is in membrane units: the stored integer weight is ``W_nir >>
-weight_shift`` (refused unless ``W_nir`` is a multiple of ``2**weight_shift``). The
+weight_shift`` (refused unless ``W_nir`` is a multiple of ``2**weight_shift``); a
+float graph being imported (``Semantics.real``) keeps real weights and biases. The
 weighted node's bias (C,) is the bias the projection adds to its destination
 layer every step (the reader sums those of every projection into one layer).
 """
@@ -28,7 +29,14 @@ import numpy.typing as npt
 from csqcfs_deploy.errors import GraphError, InputFileError
 from csqcfs_deploy.exporters.nir.groups import compress_groups
 from csqcfs_deploy.exporters.nir.semantics import Chain, Semantics, plain_spike_edge
-from csqcfs_deploy.exporters.nir.validate import int_values, md_int, md_kind, pair, shape_of
+from csqcfs_deploy.exporters.nir.validate import (
+    int_values,
+    md_int,
+    md_kind,
+    pair,
+    real_values,
+    shape_of,
+)
 from csqcfs_deploy.ir import (
     ConvProjection,
     DenseProjection,
@@ -220,7 +228,7 @@ def _stored_weight(name: str, node: Any, sem: Semantics) -> npt.NDArray[Any]:
 def _dst_bias(name: str, bias: npt.NDArray[Any] | None, channels: int) -> npt.NDArray[Any]:
     """The weighted node's bias as (C,) int64 (zeros without one)."""
     if bias is None:
-        bias = np.zeros(channels, dtype=np.int64)
+        bias = np.zeros(channels, dtype=np.int64)  # int64 zeros add to real biases too
     bias = bias.reshape(-1) if bias.size == channels else bias
     if bias.shape != (channels,):
         raise GraphError(f"node {name}: bias has shape {bias.shape}, expected ({channels},)")
@@ -250,9 +258,10 @@ def read_projection(ng: nir.NIRGraph, sem: Semantics, chain: Chain,
     if sem.ours and kind not in PROJECTION_KINDS:
         raise InputFileError(f"node {name}: metadata kind {kind!r} is not a projection kind")
     weight_exp = md_int(name, node, "weight_exp") if sem.ours else 0
-    w = _stored_weight(name, node, sem)
+    values = real_values if sem.real else int_values
+    w = real_values(name, "weight", node.weight) if sem.real else _stored_weight(name, node, sem)
     reader = WEIGHTED_NODES.lookup(node)
-    bias = int_values(name, "bias", node.bias) if reader.has_bias else None
+    bias = values(name, "bias", node.bias) if reader.has_bias else None
     proj = reader.build(Weighted(name=name, node=node, src=chain.src, dst=chain.dst,
                                  shape=shape, flattened=flattened, pool=pool, kind=kind,
                                  ours=sem.ours, weight=w, weight_exp=weight_exp))

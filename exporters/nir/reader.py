@@ -28,7 +28,12 @@ from nir.serialization import hdf2dict
 from csqcfs_deploy.convert.quantize import check_profile
 from csqcfs_deploy.errors import GraphError, InputFileError
 from csqcfs_deploy.exporters.hdf5_probe import probed_hdf5
-from csqcfs_deploy.exporters.nir.flavors import portable_half, portable_threshold_of
+from csqcfs_deploy.exporters.nir.flavors import (
+    portable_half,
+    portable_threshold_of,
+    restore_native_types,
+)
+from csqcfs_deploy.exporters.nir.legacy import restore_legacy_fields
 from csqcfs_deploy.exporters.nir.projections import read_projection
 from csqcfs_deploy.exporters.nir.semantics import (
     Semantics,
@@ -257,7 +262,7 @@ def _raw_record(p: Path) -> dict[str, Any]:
                 if not isinstance(node, h5py.Group):
                     raise InputFileError(f"{p} is not a readable NIR file (it has no "
                                          "'node' group)")
-                record: dict[str, Any] = hdf2dict(node)
+                record: dict[str, Any] = restore_native_types(hdf2dict(node))
         except _H5_ERRORS as exc:
             raise InputFileError(f"{p} is not a readable NIR file ({_detail(exc)})") from None
     return record
@@ -286,17 +291,30 @@ def read_nir_graph(path: str | Path) -> IFGraph:
     allows, is refused), its raw content is checked (:func:`check_raw_graph`), and only
     then NIR builds its nodes and :func:`nir_to_graph` reads them.
     """
-    p = require_file(path, "NIR file")
-    record = _raw_record(p)
-    with _naming(p):
-        check_raw_graph(record)
-    ng = _build_nir(p, record)
-    with _naming(p):
+    p, ng = load_nir(path)
+    with named_errors(p):
         return nir_to_graph(ng)
 
 
+def is_foreign(record: dict[str, Any]) -> bool:
+    """True for a raw graph record without csqcfs-deploy metadata (a plain NIR graph)."""
+    md = record.get("metadata")
+    return not (isinstance(md, dict) and "format" in md)
+
+
+def load_nir(path: str | Path, foreign: bool = False) -> tuple[Path, nir.NIRGraph]:
+    """The checked NIR graph of a file (probe, raw checks, then NIR builds the nodes);
+    ``foreign``: a plain graph may hold the float import's node types too
+    (:data:`~csqcfs_deploy.exporters.nir.validate.RAW_FLOAT_NODES`)."""
+    p = require_file(path, "NIR file")
+    record = _raw_record(p)
+    with named_errors(p):
+        check_raw_graph(restore_legacy_fields(record), foreign and is_foreign(record))
+    return p, _build_nir(p, record)
+
+
 @contextlib.contextmanager
-def _naming(p: Path) -> Iterator[None]:
+def named_errors(p: Path) -> Iterator[None]:
     """Prefix the file name to a GraphError or InputFileError raised in the block."""
     try:
         yield

@@ -29,6 +29,7 @@ from csqcfs_deploy.exporters.nir.flavors import (
     FOREIGN_PROFILE,
     NIR_FORMAT,
     NIR_FORMAT_VERSION,
+    READABLE_FORMAT_VERSIONS,
 )
 from csqcfs_deploy.exporters.nir.validate import (
     NEURON_NODES,
@@ -47,12 +48,15 @@ PLAIN_NOTES = ("read from a NIR graph without csqcfs-deploy metadata "
 
 @dataclass(frozen=True)
 class Semantics:
-    """How NIR values map to the IF graph: ours (metadata) or plain NIR (none)."""
+    """How NIR values map to the IF graph: ours (metadata) or plain NIR (none);
+    ``real``: a float graph being imported (weights and biases read as real numbers, see
+    :mod:`csqcfs_deploy.exporters.nir.float_import`)."""
 
     ours: bool
     flavor: str
     profile: Profile
     weight_shift: int
+    real: bool = False
 
 
 @dataclass
@@ -78,9 +82,9 @@ def semantics(ng: nir.NIRGraph) -> Semantics:
     if fmt != NIR_FORMAT:
         raise InputFileError(f"graph metadata names format {fmt!r}, not {NIR_FORMAT!r}")
     version = md.get("format_version")
-    if version != NIR_FORMAT_VERSION:
+    if version not in READABLE_FORMAT_VERSIONS:
         raise InputFileError(f"csqcfs-deploy NIR format version {version!r} is not supported "
-                             f"(this tool reads version {NIR_FORMAT_VERSION})")
+                             f"(this tool reads versions 1..{NIR_FORMAT_VERSION})")
     flavor = md_str("(graph)", ng, "flavor")
     if flavor not in FLAVORS:
         raise InputFileError(f"graph metadata names an unknown flavour {flavor!r}")

@@ -221,8 +221,9 @@ MAX_FLATTEN_DIM = 8
 RawCheck = Callable[[str, str, Any], None]
 
 
-def _raw_numbers(ndim: int | None = None) -> RawCheck:
-    """A real, finite numeric array (``ndim`` dimensions when given)."""
+def _raw_numbers(ndim: int | None = None, infinite: bool = False) -> RawCheck:
+    """A real, finite numeric array (``ndim`` dimensions when given; ``infinite``: +inf
+    allowed, as a LIF's tau = inf, no leak, is written)."""
     def check(node_name: str, what: str, value: Any) -> None:
         if isinstance(value, dict):
             raise GraphError(f"node {node_name}: {what} is a group, not an array")
@@ -230,7 +231,8 @@ def _raw_numbers(ndim: int | None = None) -> RawCheck:
         if arr.dtype.kind not in "iuf" or arr.dtype.fields is not None:
             raise GraphError(f"node {node_name}: {what} must be real numbers, got dtype "
                              f"{arr.dtype}")
-        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        bad = (np.isnan(arr) | (arr == -np.inf)) if infinite else ~np.isfinite(arr)
+        if arr.dtype.kind == "f" and np.any(bad):
             raise GraphError(f"node {node_name}: {what} contains NaN or infinity")
         if ndim is not None and arr.ndim != ndim:
             raise GraphError(f"node {node_name}: {what} must be {ndim}-D, got shape "
@@ -300,6 +302,21 @@ RAW_NODES: dict[str, RawNode] = {
                         "end_dim": _raw_int(-MAX_FLATTEN_DIM, MAX_FLATTEN_DIM)},
                        {"input_type": _raw_shape}),
 }
+#: The node types a float (third-party) NIR graph may add, read by
+#: :mod:`csqcfs_deploy.exporters.nir.float_import` (which rewrites them away or refuses
+#: them naming the node).
+RAW_FLOAT_NODES: dict[str, RawNode] = {
+    "LIF": RawNode({"tau": _raw_numbers(infinite=True), "r": _raw_numbers(infinite=True),
+                    "v_leak": _raw_numbers(), "v_threshold": _raw_numbers()},
+                   {"v_reset": _raw_numbers()}),
+    "CubaLIF": RawNode({"tau_syn": _raw_numbers(infinite=True),
+                        "tau_mem": _raw_numbers(infinite=True),
+                        "r": _raw_numbers(infinite=True), "v_leak": _raw_numbers(),
+                        "v_threshold": _raw_numbers()},
+                       {"v_reset": _raw_numbers(), "w_in": _raw_numbers()}),
+    "AvgPool2d": RawNode(_WINDOWS),
+    "Scale": RawNode({"scale": _raw_numbers()}),
+}
 _NIR_TYPE_NAMES: dict[str, type] = {cls.__name__: cls for cls in _UNSUPPORTED}
 
 
@@ -310,14 +327,17 @@ def _refuse_type(node_name: str, type_name: Any) -> None:
     raise GraphError(f"node {node_name}: {reason} cannot run in csqcfs-deploy")
 
 
-def check_raw_node(node_name: str, record: Any) -> None:
-    """One node as read from the file (a dict of its datasets), before NIR builds it."""
+def check_raw_node(node_name: str, record: Any, foreign: bool = False) -> None:
+    """One node as read from the file (a dict of its datasets), before NIR builds it;
+    ``foreign``: the node types of a float graph (:data:`RAW_FLOAT_NODES`) too."""
     if not isinstance(record, dict):
         raise InputFileError(f"node {node_name}: is a dataset, not a NIR node group")
     type_name = record.get("type")
     if type_name is None:
         raise InputFileError(f"node {node_name}: has no type")
     spec = RAW_NODES.get(type_name) if isinstance(type_name, str) else None
+    if spec is None and foreign and isinstance(type_name, str):
+        spec = RAW_FLOAT_NODES.get(type_name)
     if spec is None:
         _refuse_type(node_name, type_name)
         return
@@ -337,11 +357,12 @@ def _check_raw_edges(edges: Any) -> None:
         raise InputFileError(f"graph edges must be pairs of node names, got {_clip(edges)}")
 
 
-def check_raw_graph(record: Any) -> None:
+def check_raw_graph(record: Any, foreign: bool = False) -> None:
     """The file's ``node`` group as read (nested dicts of arrays), before NIR builds it:
     a NIR graph with a ``nodes`` group and an ``edges`` list; each node of a type we
     read, with the fields NIR computes with present and of the right type and range
-    (:data:`RAW_NODES`). A refusal names the node."""
+    (:data:`RAW_NODES`; ``foreign``: also :data:`RAW_FLOAT_NODES`). A refusal names
+    the node."""
     if not isinstance(record, dict) or record.get("type") != "NIRGraph":
         raise InputFileError("the file's node group is not a NIR graph")
     nodes = record.get("nodes")
@@ -351,4 +372,4 @@ def check_raw_graph(record: Any) -> None:
         raise InputFileError("the NIR graph has no edges")
     _check_raw_edges(record["edges"])
     for name, node in nodes.items():
-        check_raw_node(name, node)
+        check_raw_node(name, node, foreign)

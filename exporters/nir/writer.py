@@ -24,6 +24,7 @@ import h5py
 import nir
 import numpy as np
 import numpy.typing as npt
+from nir.serialization import hdf2dict
 
 from csqcfs_deploy import __version__
 from csqcfs_deploy.errors import GraphError
@@ -31,16 +32,22 @@ from csqcfs_deploy.exporters.h5write import write_array
 from csqcfs_deploy.exporters.nir.flavors import (
     NIR_FORMAT,
     NIR_FORMAT_VERSION,
+    PORTABLE_FLAVORS,
     SCHEDULE_HINT,
     ValueCast,
     check_flavor,
     check_portable,
+    choose_flavor,
     exactness,
+    hide_native_types,
     portable_threshold,
+    restore_native_types,
     value_cast,
 )
 from csqcfs_deploy.exporters.nir.groups import expand_groups
+from csqcfs_deploy.exporters.nir.legacy import legacy_record_for, restore_legacy_fields
 from csqcfs_deploy.exporters.nir.reader import nir_to_graph
+from csqcfs_deploy.exporters.nir.readers import CURRENT_NIR, ReaderFact, facts_for
 from csqcfs_deploy.files import write_atomic
 from csqcfs_deploy.interrupts import deferred_signals
 from csqcfs_deploy.ir import (
@@ -176,7 +183,7 @@ def _if_node(la: IFLayer, md: dict[str, Any], values: _Values) -> nir.NIRNode:
     per_neuron = _broadcast(values.thresholds[la.name], la.shape)
     md.update(kind="if", reset=la.reset, comparison=">" if values.profile.strict else ">=",
               v_init=la.v_init.copy(), threshold_real=la.threshold_real.copy())
-    if values.flavor == "portable":
+    if values.flavor in PORTABLE_FLAVORS:
         md["v_th"] = la.v_th.copy()
     return nir.IF(r=cast(np.ones(la.shape, dtype=np.int64)), v_threshold=cast(per_neuron),
                   v_reset=cast(np.zeros(la.shape, dtype=np.int64)), metadata=md)
@@ -248,14 +255,19 @@ def _graph_metadata(graph: IFGraph, flavor: str, profile: Profile, cast: ValueCa
 
 
 def graph_to_nir(graph: IFGraph, flavor: str = "native") -> nir.NIRGraph:
-    """The NIR graph of an integer IF graph (see the package docstring for the mapping)."""
+    """The NIR graph of an integer IF graph (see the package docstring for the mapping).
+
+    In memory every flavour holds ``nir.IF`` nodes; a native graph's IF nodes get the
+    type :data:`~csqcfs_deploy.exporters.nir.flavors.NATIVE_IF_TYPE` only in the file
+    (:func:`write_nir_file`), so hand a native graph to a plain reader only through a file.
+    """
     check_flavor(flavor)
     if not graph.is_integer:
         raise GraphError("NIR export needs a quantized (integer) graph; convert with a profile "
                          "first")
     profile = get_profile(str(graph.meta.profile))
-    if flavor == "portable":
-        check_portable(graph)
+    if flavor in PORTABLE_FLAVORS:
+        check_portable(graph, flavor, profile)
     shift = profile.act_shift
     names = _Names.of(graph)
     depths = graph.depths()
@@ -309,21 +321,37 @@ def _write_node(group: h5py.Group, node: dict[str, Any], compression: str) -> No
             group.create_dataset(key, data=value)
 
 
-def write_nir_file(path: str | Path, ng: nir.NIRGraph, compression: str = "gzip") -> None:
+def write_nir_file(path: str | Path, ng: nir.NIRGraph, compression: str = "gzip",
+                   nir_version: str = CURRENT_NIR) -> None:
     """``nir.write(path, ng)``'s file, its arrays written in slices so that Ctrl-C and
     SIGTERM are honoured within ~0.1 s (call it inside
-    :func:`~csqcfs_deploy.interrupts.deferred_signals`; see :mod:`.h5write`)."""
+    :func:`~csqcfs_deploy.interrupts.deferred_signals`; see :mod:`.h5write`). A native
+    graph's IF nodes are stored with our type (:func:`hide_native_types`); ``nir_version``
+    1.0.4: laid out for nir 1.0.4 (:mod:`.legacy`)."""
+    record = legacy_record_for(nir_version, hide_native_types(ng.to_dict()))
     with h5py.File(path, "w") as f:
-        f.create_dataset("version", data=nir.version, dtype=h5py.string_dtype())
-        _write_node(f.create_group("node"), ng.to_dict(), compression)
+        f.create_dataset("version", data=nir.version if nir_version == CURRENT_NIR
+                         else nir_version, dtype=h5py.string_dtype())
+        _write_node(f.create_group("node"), record, compression)
+
+
+def read_back(path: Path, flavor: str, nir_version: str = CURRENT_NIR) -> nir.NIRGraph:
+    """The written file as NIR: with ``nir.read`` (a portable file must load in plain
+    readers), or for a native file its raw record with our IF type mapped back."""
+    if flavor in PORTABLE_FLAVORS and nir_version == CURRENT_NIR:
+        return nir.read(path)
+    with h5py.File(path, "r") as f:
+        record = restore_legacy_fields(restore_native_types(hdf2dict(f["node"])))
+    ng: nir.NIRGraph = nir.dict2NIRNode({**record, "type_check": True})
+    return ng
 
 
 def _write(ng: nir.NIRGraph, graph: IFGraph, path: str | Path, flavor: str,
-           verify: bool) -> Path:
+           verify: bool, nir_version: str = CURRENT_NIR) -> Path:
     def writer(tmp: Path) -> None:
         with deferred_signals():  # HDF5 calls only: a signal is raised when they return
-            write_nir_file(tmp, ng)
-            back_nir = nir.read(tmp) if verify else None
+            write_nir_file(tmp, ng, nir_version=nir_version)
+            back_nir = read_back(tmp, flavor, nir_version) if verify else None
         if back_nir is not None and not nir_to_graph(back_nir).equals(graph):
             raise GraphError(f"the {flavor} NIR file does not read back as the same IF graph "
                              "(nothing written)")
@@ -332,20 +360,22 @@ def _write(ng: nir.NIRGraph, graph: IFGraph, path: str | Path, flavor: str,
 
 
 def write_nir_graph(graph: IFGraph, path: str | Path, flavor: str = "native",
-                    verify: bool = True) -> Path:
+                    verify: bool = True, nir_version: str = CURRENT_NIR) -> Path:
     """Write ``graph`` as a NIR file, atomically.
 
     With ``verify`` the written file is read back with ``nir.read`` and our
     reader before it replaces ``path``; a difference from ``graph`` raises
     :class:`GraphError` and leaves nothing behind.
     """
-    return _write(graph_to_nir(graph, flavor), graph, path, flavor, verify)
+    return _write(graph_to_nir(graph, flavor), graph, path, flavor, verify, nir_version)
 
 
 @dataclass(frozen=True)
 class NirExport:
     """What ``export --target nir`` wrote (``to_json()`` for --json; the CLI's text is
-    :func:`csqcfs_deploy.cli.nir_text.export_text`)."""
+    :func:`csqcfs_deploy.cli.nir_text.export_text`). ``fallback``: why the default flavour
+    fell back to native ("" if it did not); ``readers``: the measured reader facts that
+    apply to this file (:mod:`.readers`)."""
 
     path: Path
     flavor: str
@@ -355,6 +385,9 @@ class NirExport:
     value_dtype: str
     exactness: str
     verified: bool
+    fallback: str = ""
+    nir_version: str = CURRENT_NIR
+    readers: tuple[ReaderFact, ...] = ()
 
     @property
     def nodes(self) -> int:
@@ -365,15 +398,29 @@ class NirExport:
                 "profile": self.profile, "nodes": self.nodes,
                 "node_types": dict(self.node_types), "edges": self.edges,
                 "value_dtype": self.value_dtype, "exactness": self.exactness,
-                "verified_round_trip": self.verified}
+                "verified_round_trip": self.verified, "flavor_fallback": self.fallback,
+                "nir_version": self.nir_version,
+                "readers": [fact.to_json() for fact in self.readers]}
 
 
-def export_nir(graph: IFGraph, path: str | Path, flavor: str = "native") -> NirExport:
-    """Write ``graph`` to ``path`` (verified by reading it back) and describe what was written."""
-    ng = graph_to_nir(graph, flavor)
-    written = _write(ng, graph, path, flavor, verify=True)
+def export_nir(graph: IFGraph, path: str | Path, flavor: str | None = None,
+               nir_version: str = CURRENT_NIR) -> NirExport:
+    """Write ``graph`` to ``path`` (verified by reading it back) and describe what was written.
+
+    ``flavor`` None is the default: ``portable`` where the graph can be said portably,
+    else ``native`` (``NirExport.fallback`` says why); a named portable flavour that
+    cannot express the graph is a UsageError naming the layer or projection.
+    """
+    if not graph.is_integer:
+        raise GraphError("NIR export needs a quantized (integer) graph; convert with a profile "
+                         "first")
+    choice = choose_flavor(graph, flavor, get_profile(str(graph.meta.profile)))
+    ng = graph_to_nir(graph, choice.flavor)
+    written = _write(ng, graph, path, choice.flavor, verify=True, nir_version=nir_version)
     counts = Counter(type(node).__name__ for node in ng.nodes.values())
-    return NirExport(path=written, flavor=flavor, profile=str(graph.meta.profile),
+    return NirExport(path=written, flavor=choice.flavor, profile=str(graph.meta.profile),
                      node_types=dict(counts), edges=len(ng.edges),
                      value_dtype=str(ng.metadata["value_dtype"]),
-                     exactness=str(ng.metadata["exactness"]), verified=True)
+                     exactness=str(ng.metadata["exactness"]), verified=True,
+                     fallback=choice.fallback, nir_version=nir_version,
+                     readers=facts_for(choice.flavor, nir_version))

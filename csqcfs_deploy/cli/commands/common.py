@@ -27,11 +27,13 @@ from csqcfs_deploy.cli.model_io import (
     Calibration,
     FoldCheckOptions,
     LoadedModel,
+    NirOptions,
     calibration_from,
     load_model,
 )
 from csqcfs_deploy.convert.check import DEFAULT_SAMPLES
 from csqcfs_deploy.errors import UsageError
+from csqcfs_deploy.exporters.nir.float_import import SOURCE_CHOICES
 from csqcfs_deploy.ir.profiles import PROFILES
 from csqcfs_deploy.ir.schedule import SCHEDULES, Schedule
 from csqcfs_deploy.train.checkpoint import ModelConfig
@@ -55,9 +57,14 @@ def add_model_args(parser: argparse.ArgumentParser, default_profile: str | None 
                         """e.g. '{"num_classes": 100, "L": 8}' (or inline: """
                         "--model 'mynets:vgg16(num_classes=100)', literals only)")
     parser.add_argument("--profile", choices=sorted(PROFILES), default=None,
-                        help=f"hardware profile for a checkpoint (default {default_profile})")
+                        help=f"hardware profile for a checkpoint or a float NIR graph (default "
+                        f"{default_profile})")
     parser.add_argument("--per-layer-thresholds", action="store_true",
                         help="one threshold per layer even where the profile allows per-channel")
+    parser.add_argument("--source-semantics", choices=SOURCE_CHOICES, default=None,
+                        help="a float NIR MODEL from another tool: whose IF neuron rule its "
+                        "nir.IF nodes mean (reset, comparison; default nir). sinabs is its "
+                        "SingleSpike, min_v_mem=None form; sinabs-multispike is refused")
 
 
 def add_json_arg(parser: argparse.ArgumentParser) -> None:
@@ -91,7 +98,9 @@ def resolve_model(args: argparse.Namespace) -> LoadedModel:
                         model_args=getattr(args, "model_args", None),
                         encoding_override=None if override.empty else override.apply,
                         check=fold_check_options(args, user_ds),
-                        plan=plan_from_args(args))
+                        plan=plan_from_args(args),
+                        nir_import=NirOptions(getattr(args, "source_semantics", None),
+                                              lambda name: _load(args, name).encoding))
     check_model_encoding(loaded, override)
     return loaded
 

@@ -6,6 +6,10 @@ figures on the test split at that ``T``, ``P`` (:mod:`csqcfs_deploy.run.fidelity
 ``--json``: ``fidelity``), then the fold check (``fold_check``; its argmax
 agreement also as ``check.folded_matches_model``) and the per-layer table. A
 failed fidelity gate writes no file and exits 9.
+
+MODEL may also be a float NIR graph from another tool (``--source-semantics``; see
+:mod:`csqcfs_deploy.cli.nir_import`): it is quantized the same way, its float IF graph
+(with that neuron rule) standing in for the folded network (``--json``: ``nir_import``).
 """
 
 from __future__ import annotations
@@ -54,7 +58,8 @@ from csqcfs_deploy.run.reference import ann_forward, input_units
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("convert", help="fold + quantize a network into an IF graph (.ifg)",
                        description="Fold (BN merge, threshold scaling, pooling) and quantize a "
-                       "trained network to a hardware profile; print the per-layer table and "
+                       "trained network (or a float NIR graph) to a hardware profile; print the "
+                       "per-layer table and "
                        "the float-vs-quantized agreement on the test split.")
     add_model_args(p)
     add_dataset_args(p)
@@ -101,11 +106,13 @@ class ConvertSummary:
     fold_check: FoldCheck | None = None
     fidelity: Fidelity | None = None
     calibration: Calibrated | None = None
+    nir_import: dict[str, object] | None = None  # a float NIR graph: its semantics, folds
 
     def to_json(self) -> dict[str, object]:
         check = self.check.to_json() if isinstance(self.check, Agreement) else self.check
         return {"fidelity": None if self.fidelity is None else self.fidelity.to_json(),
                 **self.report.to_json(), "output": self.output, "passes": self.passes,
+                "nir_import": self.nir_import,
                 "check": check,
                 "fold_check": None if self.fold_check is None else self.fold_check.to_json(),
                 "calibrated": None if self.calibration is None
@@ -140,9 +147,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     gates_from_args(args)  # a bad --min-agreement fails before the work
     loaded = resolve_model(args)
-    report, fold, model, config = loaded.report, loaded.fold, loaded.model, loaded.config
-    if report is None or fold is None or model is None or config is None:
-        raise UsageError(f"{args.model} is already an IF graph; convert takes a trained network")
+    report, float_graph = loaded.report, loaded.float_graph
+    model, config = loaded.model, loaded.config
+    if report is None or float_graph is None or model is None or config is None:
+        raise UsageError(f"{args.model} is already an IF graph; convert takes a trained network "
+                         "(or a float NIR graph; give --profile to quantize a plain one)")
     check: Agreement | str | None = None
     fid: Fidelity | None = None
     if not args.no_check:
@@ -156,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
             raw, labels = ds.x_test[:n], ds.y_test[:n]
             cfg = RunConfig(args.timesteps, args.presim)
             fid = fidelity_of(args, loaded, raw, labels, cfg)
-            check = agreement(model, config.encoding, fold.graph, loaded.graph, raw, labels,
+            check = agreement(model, config.encoding, float_graph, loaded.graph, raw, labels,
                               loaded.fold_check)
         except DatasetMismatch:
             raise  # data that does not fit the model is an error, not a skipped check
@@ -165,8 +174,9 @@ def run(args: argparse.Namespace) -> int:
     passed = fid is not None and fid.passed
     if passed:
         save_graph(loaded.graph, args.output)
-    summary = ConvertSummary(report, args.output if passed else "", fold.log.counts(), check,
-                             loaded.fold_check, fid, loaded.calibration)
+    summary = ConvertSummary(report, args.output if passed else "", loaded.passes, check,
+                             loaded.fold_check, fid, loaded.calibration,
+                             None if loaded.imported is None else loaded.imported.to_json())
     if args.json:
         print_json(summary.to_json())
     else:
@@ -175,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
             print_fidelity(fid, con)
         if loaded.fold_check is not None:
             con.print(loaded.fold_check.summary())
-        print_conversion(report, fold.log.counts(), check, fid, loaded.calibration)
+        print_conversion(report, loaded.passes, check, fid, loaded.calibration)
     if fid is None:
         gates = gates_from_args(args)
         if not args.no_check and (gates.min_agreement or gates.min_source_agreement):
@@ -216,7 +226,7 @@ def print_conversion(report: QuantReport, passes: dict[str, int],
         f"({'per-channel' if report.per_channel else 'per-layer'} thresholds; {how})",
         ["layer", "kind", "shape", "neurons", "weight bits", "threshold", "scale",
          "quant error", "scale set by", "data step input", "worst step input", "notes"], rows))
-    con.print(f"folding passes: {', '.join(f'{k} x{v}' for k, v in passes.items())}")
+    con.print(f"folding passes: {', '.join(f'{k} x{v}' for k, v in passes.items()) or 'none'}")
     if calibration is not None:
         for i, layers in enumerate(calibration.rounds, 1):
             con.print(f"measured check, round {i}: halved the scale of {', '.join(layers)} "

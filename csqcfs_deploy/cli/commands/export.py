@@ -3,15 +3,17 @@
 Targets are dispatched through :data:`TARGETS`: one :class:`ExportTarget` per
 ``--target`` value names the module and the writer function. A writer is
 called as ``writer(graph, path)`` or, for a target with flavours,
-``writer(graph, path, flavor)``; whatever it returns is printed with ``str()``
-(and, with ``--json``, its ``to_json()`` when it has one). Adding a target is
-adding one entry.
+``writer(graph, path, flavor)`` (``flavor`` None: the target's default, which the
+writer chooses); whatever it returns is printed with ``str()`` (and, with
+``--json``, its ``to_json()`` when it has one), and each of its ``warnings()``, if
+it has them, as a ``warning:`` line on stderr. Adding a target is adding one entry.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,8 +63,10 @@ class ExportTarget:
 TARGETS: dict[str, ExportTarget] = {
     "nir": ExportTarget(
         "nir", "csqcfs_deploy.cli.nir_text", "export_nir",
-        "NIR graph (HDF5); native: exact via metadata, portable: for readers that ignore it",
-        flavors=("native", "portable")),
+        "NIR graph (HDF5); portable (default): exact at T = 1 for plain NIR readers, "
+        "per-channel thresholds; portable-uniform: one threshold per layer (snnTorch, "
+        "spikingjelly); native: exact at every T via metadata, refused by plain readers",
+        flavors=("portable", "portable-uniform", "native")),
     "lava-netx": ExportTarget(
         "lava-netx", "csqcfs_deploy.cli.netx_text", "export_netx",
         "lava-dl netx HDF5 for Loihi 2 (CUBA, reset to zero: exact at T = 1 without "
@@ -83,8 +87,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--target", choices=sorted(TARGETS), default="nir",
                    help="output format (default nir)")
     p.add_argument("--flavor", default=None,
-                   help="target flavour (nir: native (default) or portable; portable is exact "
-                   "only at T = 1 without pre-simulation and needs --per-layer-thresholds)")
+                   help="target flavour (nir: portable (default; falls back to native with a "
+                   "warning where the graph cannot be said portably), portable-uniform (needs "
+                   "--per-layer-thresholds) or native; the portable flavours are exact only "
+                   "at T = 1 without pre-simulation)")
+    p.add_argument("--nir-version", choices=("1.0.8", "1.0.4"), default=None,
+                   help="nir: file layout (default 1.0.8; 1.0.4 for sinabs 3.1 and rockpool "
+                   "3.1, which pin nir <= 1.0.4; see exporters/nir/legacy.py)")
     p.add_argument("-o", "--output", required=True, help="file to write")
     add_scale_args(p)
     add_json_arg(p)
@@ -97,7 +106,7 @@ def _flavor(target: ExportTarget, requested: str | None) -> str | None:
             raise UsageError(f"target {target.name} has no flavours (--flavor {requested})")
         return None
     if requested is None:
-        return target.flavors[0]
+        return None  # the writer's default
     if requested not in target.flavors:
         raise UsageError(f"target {target.name} has flavours {', '.join(target.flavors)}, "
                          f"not {requested!r}")
@@ -112,13 +121,19 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.output)  # before the work, not after it
     target = TARGETS[args.target]
     flavor = _flavor(target, args.flavor)
+    extra = {} if args.nir_version is None else {"nir_version": args.nir_version}
+    if extra and target.name != "nir":
+        raise UsageError(f"--nir-version is for --target nir, not {target.name}")
     writer = target.writer()
     loaded = resolve_model(args)
     if args.per_layer_thresholds and loaded.report is None and not _per_layer(loaded.graph):
         raise UsageError(f"{args.model} is already quantized with per-channel thresholds; "
                          "--per-layer-thresholds needs a checkpoint to convert")
     out = Path(args.output)
-    result = writer(loaded.graph, out) if flavor is None else writer(loaded.graph, out, flavor)
+    result = writer(loaded.graph, out, **extra) if not target.flavors else writer(
+        loaded.graph, out, flavor, **extra)
+    for text in (result.warnings() if hasattr(result, "warnings") else []):
+        sys.stderr.write(f"warning: {text}\n")
     if args.json:
         data = result.to_json() if hasattr(result, "to_json") else {"result": str(result)}
         data.setdefault("target", target.name)
