@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +21,15 @@ from csqcfs_deploy.train.zoo import randomize_batchnorm
 
 PROFILE_NAMES = ("loihi2", "int8", "int16")
 __all__ = ["randomize_batchnorm", "random_integer_input"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def ctrl_c_raises() -> None:
+    """Ctrl-C raises KeyboardInterrupt, as in a terminal. A suite started in the
+    background (``cmd &`` in a shell without job control) inherits SIGINT ignored, and
+    Python then never raises it: the Ctrl-C tests would fail for the wrong reason."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

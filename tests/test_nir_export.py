@@ -220,7 +220,7 @@ def test_portable_uniform_needs_per_layer_thresholds(
     assert "per-channel thresholds" in err and "--per-layer-thresholds" in err
     assert main(["export", str(digits_checkpoint), "--flavor", "portable-uniform",
                  "--per-layer-thresholds", "-o", str(out)]) == 0
-    assert "exact     spikingjelly 2.0 (import_from_nir, dt=1.0)" in capsys.readouterr().out
+    assert "exact     spikingjelly 2.0.0 (from_nir, dt=1.0)" in capsys.readouterr().out
 
 
 def test_the_reader_table_holds_what_the_tests_check() -> None:

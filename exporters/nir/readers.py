@@ -20,8 +20,8 @@ from typing import Literal
 
 #: The NIR version whose file layout the current writer produces (``nir.write``'s).
 CURRENT_NIR = "1.0.8"
-MEASURED = ("benchmarks/nir_readers.py, 2026-12-02, digits test set (360 samples), "
-            "profiles loihi2/int8/int16")
+#: measured on the digits test set (360 samples), profiles loihi2, int8 and int16
+MEASURED = "benchmarks/nir_readers.py, 2026-12-02"
 IN_MAKE_TEST = "tests/test_nir_export.py (make test), 2026-12"
 AFTER_STEP_1 = ("after step 1 plain NIR readers differ from the IF graph: they reset hard "
                 "(v <- v_reset = 0) where the IF graph subtracts the threshold, so only T = 1, "

@@ -96,7 +96,7 @@ class DemoSummary:
 
 
 #: The files the demo writes into --output-dir.
-DEMO_FILES = ("digits-cnn.pt", "digits-cnn.ifg", "digits-cnn.nir", "digits-cnn-portable.nir",
+DEMO_FILES = ("digits-cnn.pt", "digits-cnn.ifg", "digits-cnn.nir", "digits-cnn-native.nir",
               "verify.json", "report.json", "report.png")
 
 #: Step 4: (back end, its schedule, whether it runs every test sample; else --lava-samples).
@@ -147,13 +147,15 @@ def run(args: argparse.Namespace) -> int:
     say(f"      quantized ANN agrees with the float network on "
         f"{100 * (float_pred == q_pred).mean():.2f} % of test samples")
 
-    say("[3/6] export NIR (native and portable flavours)")
-    from csqcfs_deploy.exporters.nir import write_nir_graph  # the NIR module is a core part
+    say("[3/6] export NIR (the default flavour, and native)")
+    from csqcfs_deploy.exporters.nir import export_nir  # the NIR module is a core part
 
-    files.append(write_nir_graph(graph, out / "digits-cnn.nir", "native"))
-    per_layer = graph_from_network(trained.model, trained.config, "loihi2", False, None,
-                                   "checkpoint", calibration, plan).graph
-    files.append(write_nir_graph(per_layer, out / "digits-cnn-portable.nir", "portable"))
+    exported = export_nir(graph, out / "digits-cnn.nir")
+    files.append(exported.path)
+    why = f" ({exported.fallback})" if exported.fallback else ""
+    say(f"      digits-cnn.nir: {exported.flavor} flavour{why}; digits-cnn-native.nir: "
+        "native (plain NIR readers refuse it)")
+    files.append(export_nir(graph, out / "digits-cnn-native.nir", "native").path)
 
     cfg_t, cfg_p = args.timesteps, args.presim
     say(f"[4/6] run on the back ends (T = {cfg_t}, P = {cfg_p})")
