@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt Makefile
 	$(PIP) --ignore-requires-python lava-nc==0.10.0
 	$(PIP) --ignore-requires-python --no-deps lava-dl==0.6.0 norse==1.1.0
 	$(PIP) h5py matplotlib "pillow<11" opencv-python-headless nir nirtorch \
-	    tqdm rich scikit-learn hypothesis pytest ruff mypy setuptools
+	    tqdm rich scikit-learn hypothesis pytest ruff mypy setuptools ray
 	$(PIP) --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

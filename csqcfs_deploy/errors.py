@@ -83,6 +83,13 @@ class FidelityGateFailed(CsqcfsError):
     exit_code = 9
 
 
+class WorkerFailed(CsqcfsError):
+    """A worker of a sharded run (``--workers``, ``--ray``) died or failed; the message
+    names its shard (samples a..b)."""
+
+    exit_code = 10
+
+
 class UsageError(CsqcfsError):
     """Command-line arguments that contradict each other or are out of range."""
 

@@ -304,15 +304,6 @@ def test_plain_nir_is_read_with_nir_semantics(digits: Dataset, digits_fold: Fold
 # --------------------------------------------------------------------------- Norse reads it
 
 
-@pytest.fixture
-def one_torch_thread():  # type: ignore[no-untyped-def]
-    """Unbatched tiny forwards are far faster on one thread on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("profile", ["loihi2", "int8"])
 def test_norse_reads_the_portable_file_and_predicts_as_the_simulator(
         tmp_path: Path, digits: Dataset, digits_fold: FoldResult, one_torch_thread: None,

@@ -41,15 +41,6 @@ PROFILES = ("loihi2", "int8", "int16")
 NORSE_SAMPLES = 100
 
 
-@pytest.fixture
-def one_torch_thread():  # type: ignore[no-untyped-def]
-    """Unbatched tiny forwards are far faster on one thread on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _refusal_names_our_type(exc_info: pytest.ExceptionInfo[BaseException]) -> bool:
     """nir 1.0.8 refuses an unknown type with a bare ``assert type in __all_ir``
     (nir 1.0.4: "Unknown unit type: b'CsqcfsIF'"): the type is in the message or in

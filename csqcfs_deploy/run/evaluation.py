@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,19 +99,22 @@ def _total(counts: dict[str, int] | None) -> int | None:
 def add_counts(total: dict[str, int] | None, batch: dict[str, int] | None
                ) -> dict[str, int] | None:
     """Per-layer counts summed over batches: None as soon as one batch has none (the
-    back end does not count)."""
+    back end does not count). Keys in first-seen order (so the JSON is the same in
+    every process)."""
     if total is None or batch is None:
         return None
-    return {k: total.get(k, 0) + batch.get(k, 0) for k in total.keys() | batch.keys()}
+    keys = [*total, *(k for k in batch if k not in total)]
+    return {k: total.get(k, 0) + batch.get(k, 0) for k in keys}
 
 
 def evaluate(backend: str, graph: IFGraph, raw: NDArray[Any], labels: NDArray[np.integer[Any]],
              cfg: RunConfig, batch_size: int = 128, options: BackendOptions | None = None,
-             progress: bool = True) -> EvalSummary:
+             progress: bool = True, on_batch: Callable[[int], None] | None = None
+             ) -> EvalSummary:
     """Run ``backend`` on raw samples (N, *input_shape) in batches of ``batch_size``;
-    accuracy against ``labels`` (N,). The wrapped and saturated neuron-steps are summed
-    over the batches (:func:`add_counts`: None once a batch brings none; 0 per layer
-    when no batch ran)."""
+    accuracy against ``labels`` (N,); ``on_batch(samples)`` after each batch. The
+    wrapped and saturated neuron-steps are summed over the batches (:func:`add_counts`:
+    None once a batch brings none; 0 per layer when no batch ran)."""
     options = options or BackendOptions()
     x_all = input_units(graph, raw)
     preds: list[NDArray[np.int64]] = []
@@ -130,9 +134,21 @@ def evaluate(backend: str, graph: IFGraph, raw: NDArray[Any], labels: NDArray[np
             wrapped = add_counts(wrapped, result.wrapped)
             saturated = add_counts(saturated, result.saturated)
             bar.update(min(batch_size, len(x_all) - i))
+            if on_batch is not None:
+                on_batch(min(batch_size, len(x_all) - i))
         bar.close()
     seconds = time.perf_counter() - start
     predictions = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+    return summarize(backend, graph, cfg, predictions, labels, layer_spikes, wrapped,
+                     saturated, seconds)
+
+
+def summarize(backend: str, graph: IFGraph, cfg: RunConfig, predictions: NDArray[np.int64],
+              labels: NDArray[np.integer[Any]], layer_spikes: dict[str, int],
+              wrapped: dict[str, int] | None, saturated: dict[str, int] | None,
+              seconds: float) -> EvalSummary:
+    """The summary of a run whose per-sample ``predictions`` and summed counts are known
+    (one process: :func:`evaluate`; merged shards: :mod:`csqcfs_deploy.run.shards`)."""
     neurons = {la.name: la.neurons for la in graph.if_layers}
     total_neurons = sum(neurons.values())
     samples = len(predictions)

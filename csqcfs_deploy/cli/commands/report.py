@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,8 @@ from csqcfs_deploy.cli.fidelity_args import (
     print_fidelity,
 )
 from csqcfs_deploy.cli.model_io import warn
+from csqcfs_deploy.cli.sharded import count_on, sharding
+from csqcfs_deploy.cli.workers import add_parallel_args, parallel_of
 from csqcfs_deploy.errors import UsageError
 from csqcfs_deploy.files import check_output, write_atomic, write_text_atomic
 from csqcfs_deploy.ir import IFGraph
@@ -63,6 +66,7 @@ from csqcfs_deploy.report.energy import EnergyConstants, EnergyEstimate, estimat
 from csqcfs_deploy.report.sops import ActivityCounter, LayerActivity
 from csqcfs_deploy.run.fidelity import Fidelity
 from csqcfs_deploy.run.reference import input_units
+from csqcfs_deploy.run.shards import ReportCounts
 from csqcfs_deploy.simulators.integer import simulate
 
 REPORT_SCHEMA_VERSION = "csqcfs-deploy-report/1"
@@ -88,6 +92,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                                                       "MACs, energy")
     add_scale_args(p)
     add_gate_args(p)
+    add_parallel_args(p)
     p.set_defaults(func=run)
 
 
@@ -174,9 +179,11 @@ def build_report(args: argparse.Namespace) -> Report:
     if args.json != "-":  # tables on stdout: the fidelity and the fold check head them
         print_fidelity(fid, console())
         print_fold_check(loaded)
-    report = make_report(loaded.graph, raw, labels, cfg, energy_sets,
-                         str(args.model or args.user_model), ds_name, args.batch_size,
-                         progress=args.json != "-")
+    with sharding(parallel_of(args), loaded.graph) as sharder:
+        counts = count_on(sharder, loaded.graph, raw, labels, cfg, args.batch_size,
+                          progress=args.json != "-")
+    report = report_of(loaded.graph, cfg, counts, energy_sets,
+                       str(args.model or args.user_model), ds_name)
     return dataclasses.replace(report, fidelity=fid)
 
 
@@ -185,9 +192,18 @@ def make_report(graph: IFGraph, raw: NDArray[Any], labels: NDArray[np.integer[An
                 dataset: str, batch_size: int = 128, progress: bool = True) -> Report:
     """Simulate ``raw`` samples (N, *input_shape) with the integer simulator, in batches,
     and count activity, accuracy against ``labels`` (N,) and energy per constant set."""
-    steps = total_steps(graph, cfg)
+    counts = count_report(graph, raw, labels, cfg, batch_size, progress)
+    return report_of(graph, cfg, counts, energy_sets, model_name, dataset)
+
+
+def count_report(graph: IFGraph, raw: NDArray[Any], labels: NDArray[np.integer[Any]],
+                 cfg: RunConfig, batch_size: int = 128, progress: bool = True,
+                 on_batch: Callable[[int], None] | None = None) -> ReportCounts:
+    """What a report counts of ``raw`` samples (N, *input_shape), simulated in batches of
+    ``batch_size`` (``on_batch(samples)`` after each): spikes per neuron, non-zero
+    inputs, and the predictions that match ``labels`` (N,)."""
     x_all = input_units(graph, raw)
-    counter = ActivityCounter(graph, steps)
+    counter = ActivityCounter(graph, total_steps(graph, cfg))
     correct = 0
     bar = tqdm(total=len(x_all), desc="report", unit="sample", disable=not progress,
                leave=False)
@@ -197,8 +213,18 @@ def make_report(graph: IFGraph, raw: NDArray[Any], labels: NDArray[np.integer[An
         counter.add(result.spike_counts, x)
         correct += int((result.predictions == labels[i : i + len(x)]).sum())
         bar.update(len(x))
+        if on_batch is not None:
+            on_batch(len(x))
     bar.close()
-    activity = counter.activity()
+    return ReportCounts.of(counter, correct)
+
+
+def report_of(graph: IFGraph, cfg: RunConfig, counts: ReportCounts,
+              energy_sets: list[EnergyConstants], model_name: str, dataset: str) -> Report:
+    """The report of ``counts`` (one process's or merged shards')."""
+    steps = total_steps(graph, cfg)
+    activity = counts.counter(graph, steps).activity()
+    correct = counts.correct
     neurons = sum(la.neurons for la in activity.layers if la.kind != "readout")
     n = activity.samples
     totals = ReportTotals(

@@ -30,11 +30,13 @@ from csqcfs_deploy.cli.fidelity_args import (
     print_fidelity,
 )
 from csqcfs_deploy.cli.model_io import LoadedModel
+from csqcfs_deploy.cli.sharded import evaluate_on, sharding
+from csqcfs_deploy.cli.workers import add_parallel_args, parallel_of
 from csqcfs_deploy.convert.check import FoldCheck
 from csqcfs_deploy.errors import UsageError
 from csqcfs_deploy.ir.schedule import SCHEDULES, RunConfig, recording_bytes
 from csqcfs_deploy.run.backends import BACKENDS, BackendOptions, default_schedule
-from csqcfs_deploy.run.evaluation import EvalSummary, evaluate
+from csqcfs_deploy.run.evaluation import EvalSummary
 from csqcfs_deploy.run.fidelity import Fidelity
 from csqcfs_deploy.run.memory import format_bytes
 
@@ -63,6 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--device", default="cpu", help="cpu or cuda (norse)")
     add_scale_args(p)
     add_gate_args(p)
+    add_parallel_args(p)
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -138,9 +141,11 @@ def run(args: argparse.Namespace) -> int:
     raw, labels, ds_name = split(args, loaded)
     schedule = as_schedule(args.schedule or default_schedule(args.backend))
     cfg = RunConfig(timesteps=args.timesteps, presim=args.presim, schedule=schedule)
-    summary = evaluate(args.backend, loaded.graph, raw, labels, cfg, args.batch_size,
-                       BackendOptions(device=args.device, progress=not args.json),
-                       progress=not args.json)
+    with sharding(parallel_of(args), loaded.graph) as sharder:
+        summary = evaluate_on(sharder, args.backend, loaded.graph, raw, labels, cfg,
+                              args.batch_size,
+                              BackendOptions(device=args.device, progress=not args.json),
+                              progress=not args.json)
     fid = fidelity_of(args, loaded, raw, labels, cfg, summary)
     batch = min(args.batch_size, summary.samples)
     report = RunReport(summary, ds_name, loaded.graph.meta.profile, batch,

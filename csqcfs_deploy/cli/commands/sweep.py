@@ -33,11 +33,14 @@ from csqcfs_deploy.cli.commands.common import (
 from csqcfs_deploy.cli.commands.run import fold_check_json, print_fold_check, split
 from csqcfs_deploy.cli.fidelity_args import add_scale_args
 from csqcfs_deploy.cli.model_io import LoadedModel
+from csqcfs_deploy.cli.sharded import evaluate_on, sharding
+from csqcfs_deploy.cli.workers import add_parallel_args, parallel_of
 from csqcfs_deploy.convert.check import FoldCheck
 from csqcfs_deploy.errors import UsageError
 from csqcfs_deploy.files import check_output, write_atomic
 from csqcfs_deploy.ir.schedule import SCHEDULES, RunConfig
-from csqcfs_deploy.run.evaluation import EvalSummary, evaluate
+from csqcfs_deploy.run.backends import BackendOptions
+from csqcfs_deploy.run.evaluation import EvalSummary
 from csqcfs_deploy.run.reference import ann_forward, input_units
 
 
@@ -60,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--batch-size", type=arg_types.positive_int, default=128)
     add_scale_args(p)
     p.add_argument("--plot", metavar="FILE.png", help="write accuracy against latency as a PNG")
+    add_parallel_args(p)
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -182,9 +186,11 @@ def run(args: argparse.Namespace) -> int:
     configs = [RunConfig(timesteps=t, presim=p, schedule=schedule)
                for p in presims for t in timesteps]
     rows: list[EvalSummary] = []
-    for cfg in tqdm(configs, desc="sweep", unit="run", disable=args.json, leave=False):
-        rows.append(evaluate("int", loaded.graph, raw, labels, cfg, args.batch_size,
-                             progress=not args.json))
+    with sharding(parallel_of(args), loaded.graph) as sharder:
+        for cfg in tqdm(configs, desc="sweep", unit="run", disable=args.json, leave=False):
+            rows.append(evaluate_on(sharder, "int", loaded.graph, raw, labels, cfg,
+                                    args.batch_size, BackendOptions(),
+                                    progress=not args.json))
     model = str(loaded.source) if loaded.source is not None else str(args.user_model)
     title = (f"{loaded.graph.meta.arch or model} on {ds_name}, profile "
              f"{loaded.graph.meta.profile}, {schedule}, {len(labels)} samples")

@@ -28,13 +28,15 @@ from csqcfs_deploy.cli.fidelity_args import (
     gates_from_args,
     print_fidelity,
 )
+from csqcfs_deploy.cli.sharded import sharding, verify_on
+from csqcfs_deploy.cli.workers import add_parallel_args, parallel_of
 from csqcfs_deploy.convert.check import FoldCheck
 from csqcfs_deploy.errors import UsageError, VerificationFailed
 from csqcfs_deploy.ir.schedule import RunConfig
 from csqcfs_deploy.run.backends import BACKENDS, BackendOptions
 from csqcfs_deploy.run.fidelity import Fidelity
 from csqcfs_deploy.run.reference import input_units
-from csqcfs_deploy.run.verify import Mismatch, VerifyResult, verify
+from csqcfs_deploy.run.verify import Mismatch, VerifyResult
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -52,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--device", default="cpu", help="device for norse (cpu or cuda)")
     add_scale_args(p)
     add_gate_args(p)
+    add_parallel_args(p)
     add_json_arg(p)
     p.set_defaults(func=run, batch_size=32)
 
@@ -145,9 +148,10 @@ def run(args: argparse.Namespace) -> int:
         print_fidelity(fid, console())
         print_fold_check(loaded)
     x = input_units(loaded.graph, raw)
-    result = verify(loaded.graph, x, args.timesteps, args.presim, backends, args.batch_size,
-                    BackendOptions(device=args.device, progress=False),
-                    progress=not args.json)
+    with sharding(parallel_of(args), loaded.graph) as sharder:
+        result = verify_on(sharder, loaded.graph, x, args.timesteps, args.presim, backends,
+                           args.batch_size, BackendOptions(device=args.device, progress=False),
+                           progress=not args.json)
     if args.json:
         print_json(VerifyReport(result, ds_name, len(x), args.timesteps, args.presim,
                                 loaded.fold_check, fid).to_json())
