@@ -7,6 +7,11 @@ batch, in one process:
 * ``T=1 / ANN``: one synchronous simulator run at T = 1 divided by one forward
   pass of the float network (the ``nn.Module`` as a user runs it, NCHW);
 * ``T=4 / 4 ANN``: a run at T = 4 divided by four forward passes;
+* both with ``kernel="auto"`` (the default: the kernel of each layer chosen by
+  measurement in the simulator's first run at that T, which is a warm-up here)
+  and, side by side, with ``kernel="float"`` (float32/float64 by the bound
+  alone); the kernel chosen per projection is printed with its measured
+  milliseconds per candidate;
 * the same against the ANN in channels-last memory (the layout the simulator
   itself uses), for context;
 * the firing rate of the run (results depend on it);
@@ -139,7 +144,7 @@ class Row:
     batch: int
     ann_s: float                 # median seconds of one ANN forward (NCHW)
     ann_cl_s: float              # the same in channels-last memory
-    sim_t1_s: float
+    sim_t1_s: float              # kernel="auto" (the default)
     sim_t4_s: float
     ratio_t1: float              # median over reps of sim(T=1) / ann
     ratio_t4: float              # median over reps of sim(T=4) / (4 ann)
@@ -147,6 +152,12 @@ class Row:
     ratio_t4_cl: float
     rate_t1: float
     rate_t4: float
+    float_t1_s: float            # kernel="float", timed in the same reps
+    float_t4_s: float
+    ratio_t1_float: float        # median over reps of sim_float(T=1) / ann
+    ratio_t4_float: float
+    kernels_t1: dict[str, dict[str, object]]   # auto's choice per projection at T=1
+    kernels_t4: dict[str, dict[str, object]]
     ann_rss_mib: float | None = None    # resident before the measured run
     ann_peak_mib: float | None = None
     sim_t1_peak_mib: float | None = None
@@ -156,6 +167,7 @@ class Row:
 def time_case(case: Case, profile: str, reps: int) -> Row:
     graph = case.graphs[profile]
     sim = Simulator(graph)
+    flt = Simulator(graph, kernel="float")
     model_cl = _channels_last_copy(case.model)
     x_cl = case.x_float.contiguous(memory_format=torch.channels_last)
     n = len(case.x_int)
@@ -168,18 +180,23 @@ def time_case(case: Case, profile: str, reps: int) -> Row:
         with torch.no_grad():
             model_cl(x_cl)
 
-    r1 = sim.run(case.x_int, RunConfig(1))
+    r1 = sim.run(case.x_int, RunConfig(1))           # auto measures its kernels here
     r4 = sim.run(case.x_int, RunConfig(4))
+    flt.run(case.x_int, RunConfig(1))
+    flt.run(case.x_int, RunConfig(4))
     ann()
-    ann_cl()                                         # warm-up of all four
-    t_ann, t_cl, t1, t4, q1, q4, q1c, q4c = ([] for _ in range(8))  # type: ignore[var-annotated]
+    ann_cl()                                         # warm-up of all six
+    t_ann, t_cl, t1, t4, q1, q4, q1c, q4c, f1, f4, qf1, qf4 = (
+        [] for _ in range(12))  # type: ignore[var-annotated]
     for _ in range(reps):
         a = timed(ann)
         s1 = timed(lambda: sim.run(case.x_int, RunConfig(1)))
+        g1 = timed(lambda: flt.run(case.x_int, RunConfig(1)))
         c = timed(ann_cl)
         s4 = timed(lambda: sim.run(case.x_int, RunConfig(4)))
+        g4 = timed(lambda: flt.run(case.x_int, RunConfig(4)))
         a2 = timed(ann)
-        ab = (a + a2) / 2                            # the ANN around both simulator runs
+        ab = (a + a2) / 2                            # the ANN around the simulator runs
         t_ann.append(ab)
         t_cl.append(c)
         t1.append(s1)
@@ -188,10 +205,32 @@ def time_case(case: Case, profile: str, reps: int) -> Row:
         q4.append(s4 / (4 * ab))
         q1c.append(s1 / c)
         q4c.append(s4 / (4 * c))
+        f1.append(g1)
+        f4.append(g4)
+        qf1.append(g1 / ab)
+        qf4.append(g4 / (4 * ab))
     med = statistics.median
     return Row(case.arch, profile, n, med(t_ann), med(t_cl), med(t1), med(t4), med(q1),
                med(q4), med(q1c), med(q4c), firing_rate(graph, r1, 1, n),
-               firing_rate(graph, r4, 4, n))
+               firing_rate(graph, r4, 4, n), med(f1), med(f4), med(qf1), med(qf4),
+               r1.kernels or {}, r4.kernels or {})
+
+
+def kernel_lines(row: Row) -> list[str]:
+    """One line per projection: the kernel auto chose at T=1 and T=4 and the measured
+    milliseconds per candidate (an estimate from a slice for one dropped early)."""
+
+    def ms(k: dict[str, object]) -> str:
+        times = k.get("ms") or {}
+        assert isinstance(times, dict)
+        return ", ".join(f"{c} {v:.1f}" for c, v in times.items()) or "one candidate"
+
+    lines = []
+    for name, k1 in row.kernels_t1.items():
+        k4 = row.kernels_t4.get(name, {})
+        lines.append(f"    {name}: T=1 {k1['chosen']} ({ms(k1)} ms); "
+                     f"T=4 {k4.get('chosen', '-')} ({ms(k4)} ms)")
+    return lines
 
 
 def _channels_last_copy(model: nn.Module) -> nn.Module:
@@ -364,8 +403,9 @@ def main(argv: list[str] | None = None) -> int:
                                  "sim_t1_peak_mib": mem["sim_t1"]["peak_mib"],
                                  "sim_t4_peak_mib": mem["sim_t4"]["peak_mib"]})
                 rows.append(row)
-                con.print(f"  {arch} {profile}: T=1/ANN {row.ratio_t1:.2f}, "
-                          f"T=4/4ANN {row.ratio_t4:.2f}")
+                con.print(f"  {arch} {profile}: T=1/ANN {row.ratio_t1:.2f} "
+                          f"(float kernels {row.ratio_t1_float:.2f}), T=4/4ANN "
+                          f"{row.ratio_t4:.2f} (float kernels {row.ratio_t4_float:.2f})")
             if args.int8 and arch == "digits-cnn":
                 kernels.append(int8_kernel_versus_float(case, profiles[0], args.reps))
     if args.int8:
@@ -378,13 +418,21 @@ def main(argv: list[str] | None = None) -> int:
     con.print(table(
         f"integer simulator vs float ANN forward (batch {args.batch}, median of {args.reps}; "
         "ratio < 1: the simulator is faster)",
-        ["arch", "profile", "ANN ms", "T=1 ms", "T=1 / ANN", "T=4 ms", "T=4 / 4 ANN",
-         "T=1 / ANN-cl", "T=4 / 4 ANN-cl", "rate T=1", "rate T=4", "MiB at rest",
-         "peak ANN", "peak T=1", "peak T=4"],
+        ["arch", "profile", "ANN ms", "T=1 ms", "T=1 / ANN", "float T=1 / ANN", "T=4 ms",
+         "T=4 / 4 ANN", "float T=4 / 4 ANN", "T=1 / ANN-cl", "T=4 / 4 ANN-cl", "rate T=1",
+         "rate T=4", "MiB at rest", "peak ANN", "peak T=1", "peak T=4"],
         [(r.arch, r.profile, 1e3 * r.ann_s, 1e3 * r.sim_t1_s, f"{r.ratio_t1:.2f}",
-          1e3 * r.sim_t4_s, f"{r.ratio_t4:.2f}", f"{r.ratio_t1_cl:.2f}", f"{r.ratio_t4_cl:.2f}",
+          f"{r.ratio_t1_float:.2f}", 1e3 * r.sim_t4_s, f"{r.ratio_t4:.2f}",
+          f"{r.ratio_t4_float:.2f}", f"{r.ratio_t1_cl:.2f}", f"{r.ratio_t4_cl:.2f}",
           r.rate_t1, r.rate_t4, mib(r.ann_rss_mib), mib(r.ann_peak_mib),
           mib(r.sim_t1_peak_mib), mib(r.sim_t4_peak_mib)) for r in rows]))
+    con.print("T=1 ms, T=4 ms and the unmarked ratios: kernel='auto' (the default, chosen "
+              "by measurement); 'float': kernel='float', timed in the same repetitions.")
+    for r in rows:
+        con.print(f"kernels chosen by kernel='auto', {r.arch} {r.profile} (ms per call on "
+                  "all rows per candidate):")
+        for line in kernel_lines(r):
+            con.print(line)
     con.print("goals: T=1 / ANN <= 1.3 (project goal 0.5), T=4 / 4 ANN <= 1.0. ANN-cl: the "
               "ANN in channels-last memory, the layout the simulator uses. Memory: resident "
               "MiB of a fresh process holding the model, the graph and the batch, and the "

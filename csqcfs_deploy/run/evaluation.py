@@ -29,7 +29,10 @@ class EvalSummary:
     run, all samples) of IF layer or readout ``name`` whose current wrapped / whose
     membrane saturated (:class:`~csqcfs_deploy.run.results.RunResult`), summed over the
     batches; None when the back end does not count them. ``readout`` names the readout
-    layer and ``readout_neurons`` its size.
+    layer and ``readout_neurons`` its size. ``kernels``: the integer simulator's kernel
+    choice per projection in the first batch (:attr:`RunResult.kernels
+    <csqcfs_deploy.run.results.RunResult.kernels>`; a sharded run: the first shard's),
+    None for other back ends; not part of :meth:`to_json` (``run --json`` adds it).
     """
 
     backend: str
@@ -49,6 +52,7 @@ class EvalSummary:
     layer_saturated: dict[str, int] | None = None
     readout: str = ""
     readout_neurons: int = 0
+    kernels: dict[str, dict[str, object]] | None = None
 
     @property
     def throughput(self) -> float:
@@ -122,6 +126,7 @@ def evaluate(backend: str, graph: IFGraph, raw: NDArray[Any], labels: NDArray[np
     counted = [la.name for la in graph.if_layers] + [graph.readout.name]
     wrapped: dict[str, int] | None = dict.fromkeys(counted, 0)
     saturated: dict[str, int] | None = dict.fromkeys(counted, 0)
+    kernels: dict[str, dict[str, object]] | None = None
     start = time.perf_counter()
     with open_backend(backend, graph, cfg, options) as runner:
         bar = tqdm(total=len(x_all), desc=f"{backend} T={cfg.timesteps} P={cfg.presim}",
@@ -129,6 +134,8 @@ def evaluate(backend: str, graph: IFGraph, raw: NDArray[Any], labels: NDArray[np
         for i in range(0, len(x_all), batch_size):
             result = runner.run(x_all[i : i + batch_size])
             preds.append(result.predictions)
+            if i == 0:
+                kernels = result.kernels
             for name, counts in result.window_counts.items():
                 layer_spikes[name] += int(counts.to(torch.int64).sum())
             wrapped = add_counts(wrapped, result.wrapped)
@@ -140,13 +147,14 @@ def evaluate(backend: str, graph: IFGraph, raw: NDArray[Any], labels: NDArray[np
     seconds = time.perf_counter() - start
     predictions = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
     return summarize(backend, graph, cfg, predictions, labels, layer_spikes, wrapped,
-                     saturated, seconds)
+                     saturated, seconds, kernels)
 
 
 def summarize(backend: str, graph: IFGraph, cfg: RunConfig, predictions: NDArray[np.int64],
               labels: NDArray[np.integer[Any]], layer_spikes: dict[str, int],
               wrapped: dict[str, int] | None, saturated: dict[str, int] | None,
-              seconds: float) -> EvalSummary:
+              seconds: float, kernels: dict[str, dict[str, object]] | None = None
+              ) -> EvalSummary:
     """The summary of a run whose per-sample ``predictions`` and summed counts are known
     (one process: :func:`evaluate`; merged shards: :mod:`csqcfs_deploy.run.shards`)."""
     neurons = {la.name: la.neurons for la in graph.if_layers}
@@ -161,5 +169,5 @@ def summarize(backend: str, graph: IFGraph, cfg: RunConfig, predictions: NDArray
         pipeline_depth=pipeline_depth(graph, cfg), firing_rate=rate, seconds=seconds,
         predictions=predictions, layer_spikes=layer_spikes, layer_neurons=neurons,
         layer_wrapped=wrapped, layer_saturated=saturated, readout=graph.readout.name,
-        readout_neurons=graph.readout.neurons,
+        readout_neurons=graph.readout.neurons, kernels=kernels,
     )

@@ -80,6 +80,10 @@ def sum_bytes(graph: IFGraph, layer: str) -> int:
     return 4 if need < exact_float_bound(torch.float32) else 8
 
 
+#: bytes per value of the float64 candidate kernel's copies while kernels are measured
+MEASURE_BYTES = 8
+
+
 def _working_bytes(graph: IFGraph, rows: int, batch: int) -> int:
     """The largest working set of one layer's computation (module doc), in bytes."""
     order = graph.topological_order()
@@ -100,7 +104,10 @@ def _working_bytes(graph: IFGraph, rows: int, batch: int) -> int:
         pooled = rows * sum(size[p.src] for p in incoming) * sums[name]
         live = rows * sum(size[s] * held[s] for s in order[1:i] if last_reader[s] >= i)
         inputs = batch * size[order[0]] * (INPUT_BYTES + sums[name])
-        peak = max(peak, own + pooled + live + inputs)
+        # kernel="auto" times its candidates once: one float64 copy of the sources and
+        # one float64 result besides the layer's own sums (simulators/integer/kernels.py)
+        measuring = rows * (size[name] + sum(size[p.src] for p in incoming)) * MEASURE_BYTES
+        peak = max(peak, own + pooled + live + inputs + measuring)
     return peak
 
 

@@ -26,7 +26,10 @@ class RunResult:
     batch (every step ``1 .. steps``, all N samples, masked neurons included) whose
     current wrapped (``profile.current`` changed ``acc << act_shift``) / whose membrane
     saturated (``v + current + bias`` outside ``[voltage_min, voltage_max]``); None when
-    the back end does not count them (Lava, Norse).
+    the back end does not count them (Lava, Norse); ``kernels``: per projection, the
+    integer simulator's kernel choice for this batch (:meth:`KernelChoice.to_json
+    <csqcfs_deploy.simulators.integer.kernels.KernelChoice.to_json>`), None for other
+    back ends.
     """
 
     readout: torch.Tensor
@@ -38,6 +41,7 @@ class RunResult:
     masks: dict[str, torch.Tensor] | None
     wrapped: dict[str, int] | None = None
     saturated: dict[str, int] | None = None
+    kernels: dict[str, dict[str, object]] | None = None
 
     @property
     def predictions(self) -> np.ndarray:
@@ -90,17 +94,19 @@ def make_run_result(graph: IFGraph, cfg: RunConfig, steps: int, readout: torch.T
                     spikes: dict[str, torch.Tensor] | None = None,
                     masks: dict[str, torch.Tensor] | None = None,
                     wrapped: dict[str, int] | None = None,
-                    saturated: dict[str, int] | None = None) -> RunResult:
+                    saturated: dict[str, int] | None = None,
+                    kernels: dict[str, dict[str, object]] | None = None) -> RunResult:
     """The one place a :class:`RunResult` is built.
 
     ``readout`` (N, F) int64 membranes at the end; ``logits = readout * scale / T``;
     ``spikes`` kept only when ``cfg.record``; ``masks`` only when ``cfg.presim > 0``;
     ``wrapped`` / ``saturated`` (neuron-steps per IF layer and readout) as the back end
-    counted them, None when it does not count.
+    counted them, None when it does not count; ``kernels``: the simulator's kernel
+    choice per projection (None for other back ends).
     """
     logits = readout.to(torch.float64) * graph.readout.scale / cfg.timesteps
     return RunResult(readout=readout, logits=logits, steps=steps,
                      spikes=spikes if cfg.record else None, spike_counts=spike_counts,
                      window_counts=window_counts,
                      masks=masks if cfg.presim > 0 else None,
-                     wrapped=wrapped, saturated=saturated)
+                     wrapped=wrapped, saturated=saturated, kernels=kernels)

@@ -85,7 +85,8 @@ def merge_evaluations(graph: IFGraph, cfg: RunConfig,
                       parts: Sequence[tuple[Shard, EvalSummary]],
                       labels: NDArray[np.integer[Any]], seconds: float) -> EvalSummary:
     """One :class:`EvalSummary` of the shards' summaries (in shard order) over ``labels``
-    (all N); ``seconds``: the wall time of the whole sharded run."""
+    (all N); ``seconds``: the wall time of the whole sharded run. The kernel choice
+    (``kernels``, measured in each worker) is the first shard's."""
     _check_cover([s for s, _ in parts], len(labels))
     for shard, part in parts:
         if part.samples != shard.samples:
@@ -99,7 +100,7 @@ def merge_evaluations(graph: IFGraph, cfg: RunConfig,
         saturated = add_counts(saturated, part.layer_saturated)
     predictions = np.concatenate([p.predictions for _, p in parts])
     return summarize(first.backend, graph, cfg, predictions, labels, layer_spikes, wrapped,
-                     saturated, seconds)
+                     saturated, seconds, first.kernels)
 
 
 def _shifted(m: Mismatch | None, start: int) -> Mismatch | None:

@@ -21,10 +21,13 @@ from tqdm import tqdm
 from csqcfs_deploy.errors import UsageError
 from csqcfs_deploy.train.checkpoint import ModelConfig
 from csqcfs_deploy.train.datasets import Dataset
+from csqcfs_deploy.train.threshold_init import thresholds_from_data
 from csqcfs_deploy.train.zoo import arch_spec, build_model
 
 # datasets whose images are not mirror-invariant: never flipped in augmentation
 UNMIRRORED = frozenset({"digits", "digits32"})
+#: training samples that set data-driven initial thresholds (ArchSpec.thresholds_from_data)
+CALIBRATION_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,10 @@ def train(dataset: Dataset, options: TrainOptions) -> TrainResult:
     x_train = torch.from_numpy(dataset.encoding.normalize(dataset.x_train))
     y_train = torch.from_numpy(dataset.y_train)
     x_test = dataset.encoding.normalize(dataset.x_test)
+    if spec.thresholds_from_data and options.init_threshold is None:
+        model.train()
+        calibration = torch.randperm(len(x_train), generator=gen)[:CALIBRATION_BATCH]
+        thresholds_from_data(model, x_train[calibration])
 
     thresholds = [p for n, p in model.named_parameters() if n.endswith(".up") or n == "up"]
     others = [p for n, p in model.named_parameters() if not (n.endswith(".up") or n == "up")]

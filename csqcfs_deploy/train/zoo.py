@@ -20,12 +20,18 @@ from csqcfs_deploy.train.activations import CSQCFS
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """How to build one architecture and what input it takes."""
+    """How to build one architecture and what input it takes.
+
+    ``thresholds_from_data``: training starts every activation's threshold from its
+    inputs on the first batch (:mod:`~csqcfs_deploy.train.threshold_init`) instead of
+    the architecture's fixed default, unless an initial threshold is given.
+    """
 
     name: str
     input_shape: tuple[int, int, int]
     build: Callable[..., nn.Module]
     description: str
+    thresholds_from_data: bool = False
 
 
 def _act(channels: int, levels: int, phi: float, init: float) -> CSQCFS:
@@ -167,7 +173,9 @@ def resnet20(
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "digits-cnn": ArchSpec("digits-cnn", (1, 8, 8), digits_cnn, "small CNN for 8x8 digits"),
-    "vgg16": ArchSpec("vgg16", (3, 32, 32), vgg16, "VGG-16, CIFAR layout"),
+    # the 4096-wide classifier has no batch norm: with lambda = 8 it starts nearly silent
+    "vgg16": ArchSpec("vgg16", (3, 32, 32), vgg16, "VGG-16, CIFAR layout",
+                      thresholds_from_data=True),
     "resnet18": ArchSpec("resnet18", (3, 32, 32), resnet18, "ResNet-18, CIFAR layout"),
     "resnet20": ArchSpec("resnet20", (3, 32, 32), resnet20, "ResNet-20, CIFAR layout"),
 }

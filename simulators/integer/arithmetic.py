@@ -39,6 +39,7 @@ from csqcfs_deploy.ir.neuron import (
     shifted_bound,
 )
 from csqcfs_deploy.ir.profiles import Profile
+from csqcfs_deploy.simulators.integer.device import DevicePlan, PrecisionFlags
 
 INT32_MAX = 2**31 - 1
 
@@ -46,14 +47,13 @@ INT32_MAX = 2**31 - 1
 ProjectionBounds = list[tuple[float, int]]
 
 
-def float32_kernels_exact() -> bool:
-    """True while PyTorch computes float32 conv/matmul in IEEE float32 on the CPU
-    (no bf16/tf32 modes); read per run, since a user may change the settings."""
-    mkl = torch.backends.mkldnn
-    modes = {getattr(getattr(mkl, sub, None), "fp32_precision", "none") for sub in
-             ("conv", "matmul")}
-    modes.add(getattr(mkl, "fp32_precision", "none"))
-    return modes <= {"none", "ieee"} and torch.get_float32_matmul_precision() == "highest"
+def float32_kernels_exact(device: torch.device | None = None) -> bool:
+    """True while PyTorch computes float32 conv/matmul exactly on ``device`` (default
+    cpu): IEEE float32, no bf16/tf32 modes, and on CUDA cuDNN off
+    (:meth:`~.device.DevicePlan.for_device`); read per run, since a user may change
+    the settings."""
+    device = torch.device("cpu") if device is None else device
+    return DevicePlan.for_device(device, PrecisionFlags.read()).float32_exact
 
 
 def shifted_total(projection_bounds: ProjectionBounds) -> float:
@@ -62,12 +62,14 @@ def shifted_total(projection_bounds: ProjectionBounds) -> float:
 
 
 def sum_dtype_for(name: str, projection_bounds: ProjectionBounds,
-                  float32_ok: bool | None = None) -> torch.dtype:
+                  float32_ok: bool | None = None, float64_ok: bool = True) -> torch.dtype:
     """float32 or float64: the dtype in which one layer's synaptic sums are provably exact.
 
     ``projection_bounds``: per incoming projection, (bound of ``|W (*) pool(x)|``,
     weight_exp). Every projection's own sums and their shifted total must stay
     below the dtype's exact-integer range; GraphError beyond float64's.
+    ``float32_ok``/``float64_ok``: that dtype's kernels are exact on the run's device
+    (:class:`~.device.DevicePlan`; ``float32_ok`` None: read for the CPU now).
     """
     raw = max((b for b, _ in projection_bounds), default=0.0)
     need = max(raw, shifted_total(projection_bounds))
@@ -75,8 +77,11 @@ def sum_dtype_for(name: str, projection_bounds: ProjectionBounds,
         float32_ok = float32_kernels_exact()
     if need < exact_float_bound(torch.float32) and float32_ok:
         return torch.float32
-    if need < exact_float_bound(torch.float64):
+    if need < exact_float_bound(torch.float64) and float64_ok:
         return torch.float64
+    if not float64_ok:
+        raise TargetError(f"layer {name}: no float kernel is exact on this device with "
+                          "the current settings (cuDNN on?)")
     raise TargetError(f"layer {name}: synaptic sums may reach {need:.3g}, beyond exact "
                      "float64 arithmetic")
 

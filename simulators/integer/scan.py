@@ -91,10 +91,10 @@ def merge_parts(parts: list[Part]) -> list[Part]:
     return [Part(sums, delay, constant) for (delay, constant), sums in merged.items()]
 
 
-def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor, channels-last when 4-D."""
+def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised tensor on ``device``, channels-last when 4-D."""
     fmt = torch.channels_last if len(shape) == 4 else torch.contiguous_format
-    return torch.empty(shape, dtype=dtype, memory_format=fmt)
+    return torch.empty(shape, dtype=dtype, memory_format=fmt, device=device)
 
 
 def count_spikes(out: torch.Tensor, n: int, steps: slice) -> torch.Tensor:
@@ -114,15 +114,20 @@ def count_spikes(out: torch.Tensor, n: int, steps: slice) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class LayerConstants:
-    """Per-layer constants of one graph under one profile, built once and cached."""
+    """Per-layer constants of one graph under one profile, built once and cached, on
+    ``device`` (the simulator's)."""
 
     profile: Profile
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     _cache: dict[tuple[object, ...], object] = field(default_factory=dict)
 
     def params(self, layer: IFLayer) -> IFParams:
         key = (layer.name, "params")
         if key not in self._cache:
-            self._cache[key] = if_params(layer, self.profile)
+            p = if_params(layer, self.profile)
+            self._cache[key] = dataclasses.replace(
+                p, v_th=p.v_th.to(self.device), v_init=p.v_init.to(self.device),
+                bias=p.bias.to(self.device))
         return self._cache[key]  # type: ignore[return-value]
 
     def scan(self, layer: IFLayer, dtype: torch.dtype, clamp: bool
@@ -149,7 +154,7 @@ class LayerConstants:
     def readout_bias(self, layer: ReadoutLayer) -> torch.Tensor:
         key = (layer.name, "bias")
         if key not in self._cache:
-            self._cache[key] = per_channel(layer.bias, 2, torch.int64)
+            self._cache[key] = per_channel(layer.bias, 2, torch.int64).to(self.device)
         return self._cache[key]  # type: ignore[return-value]
 
     def extremes(self, layer: IFLayer | ReadoutLayer) -> tuple[int, int, int]:
@@ -253,12 +258,12 @@ def scan_if(layer: IFLayer, parts: list[Part], arith: LayerArithmetic, steps: in
     scale = 1 << profile.act_shift
     direct = (len(parts) == 1 and not parts[0].constant and not arith.wraps
               and parts[0].sums.dtype == arith.state_dtype)
-    out = empty((steps * n, *layer.shape), torch.float32)
+    out = empty((steps * n, *layer.shape), torch.float32, bias.device)
     # spikes are written straight into float32 rows when the state is float
     # (comparison and reset then need no conversion); an integer state goes
     # through a bool scratch row.
     scratch = (None if arith.state_dtype.is_floating_point and layer.reset == "subtract"
-               else empty((n, *layer.shape), torch.bool))
+               else empty((n, *layer.shape), torch.bool, bias.device))
     v: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     cache: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
@@ -329,7 +334,7 @@ def scan_readout(layer: ReadoutLayer, parts: list[Part], arith: LayerArithmetic,
     profile = consts.profile
     bias = consts.readout_bias(layer)
     zero = torch.zeros_like(bias)
-    v = torch.zeros((n, *layer.shape), dtype=torch.int64)
+    v = torch.zeros((n, *layer.shape), dtype=torch.int64, device=bias.device)
     wide = dataclasses.replace(arith, state_dtype=torch.int64)
     cache: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
     wrapped = saturated = 0

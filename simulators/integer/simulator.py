@@ -29,6 +29,8 @@ layer's :class:`~.arithmetic.LayerArithmetic` proves neither can happen).
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from csqcfs_deploy.errors import GraphError, UsageError
@@ -41,10 +43,11 @@ from csqcfs_deploy.run.memory import check_recording_memory
 from csqcfs_deploy.run.results import RunResult, check_integer_input, make_run_result
 from csqcfs_deploy.simulators.integer.arithmetic import (
     LayerArithmetic,
-    float32_kernels_exact,
     shifted_total,
     sum_dtype_for,
 )
+from csqcfs_deploy.simulators.integer.device import DevicePlan, PrecisionFlags, exact_kernels
+from csqcfs_deploy.simulators.integer.kernels import KernelChoice, Timer
 from csqcfs_deploy.simulators.integer.scan import (
     LayerConstants,
     Part,
@@ -65,17 +68,28 @@ from csqcfs_deploy.simulators.integer.synapses import (
 class Simulator:
     """The integer simulator of one graph, weights prepared once.
 
-    ``kernel``: how synaptic sums are computed. ``"auto"`` and ``"float"``:
-    float32/float64 kernels chosen per layer by the exactness bound;
-    ``"int8"``: ``torch._int_mm`` (int8 x int8 -> int32) for every projection
-    whose weights (per weight step) and source values fit int8, float kernels
-    elsewhere. All kernels give identical integers; they differ in speed only.
-    (On CPUs without int8 dot-product instructions PyTorch runs ``_int_mm`` as
-    a plain loop, far slower than float32 -- measured in
-    ``benchmarks/bench_simulator.py`` -- so ``"auto"`` uses float kernels.)
+    ``kernel``: how synaptic sums are computed. ``"auto"`` (default): by
+    measurement -- the first time this simulator computes a projection for a
+    given number of rows and sum dtype it times every exact candidate (float32
+    where the layer's bound allows it, float64, int8 ``torch._int_mm`` where
+    :meth:`~.synapses.Synapses.int8_exact` proves it exact) on the actual shapes
+    and keeps the fastest for its lifetime (:mod:`.kernels`; ``timer`` is the
+    clock). ``"float"``: float32/float64 kernels chosen per layer by the
+    exactness bound; ``"int8"``: ``torch._int_mm`` (int8 x int8 -> int32) for
+    every projection whose weights (per weight step) and source values fit int8,
+    float kernels elsewhere. All kernels give identical integers; they differ in
+    speed only (on CPUs without int8 dot-product instructions ``_int_mm`` is far
+    slower than float32, so ``"auto"`` ends up with float kernels there).
+    :attr:`kernel_choice`: per projection, the latest run's choice.
+
+    ``device``: cpu (default) or a CUDA device; inputs, weights, sums and scan state
+    live there, the RunResult comes back on the CPU (:mod:`.device`: which kernels
+    are exact there).
     """
 
-    def __init__(self, graph: IFGraph, kernel: SynapseKernel = "auto") -> None:
+    def __init__(self, graph: IFGraph, kernel: SynapseKernel = "auto",
+                 device: torch.device | None = None,
+                 timer: Timer = time.perf_counter) -> None:
         if not graph.is_integer:
             raise GraphError("the simulator runs quantized graphs; convert with a --profile "
                              "first")
@@ -84,28 +98,37 @@ class Simulator:
         self.graph = graph
         self.kernel = kernel
         self.profile = get_profile(str(graph.meta.profile))
-        self.synapses = Synapses(self.profile, kernel)
-        self.constants = LayerConstants(self.profile)
+        self.device = torch.device("cpu") if device is None else device
+        self.synapses = Synapses(self.profile, kernel, device=self.device, timer=timer)
+        self.constants = LayerConstants(self.profile, self.device)
         self._order = graph.topological_order()
         self._consumers = {la.name: len(graph.outgoing(la.name)) for la in graph.layers}
 
     @torch.no_grad()
     def run(self, x_int: torch.Tensor, cfg: RunConfig) -> RunResult:
-        """Run integer inputs ``x_int`` (N, *input_shape) for ``total_steps`` steps.
+        """Run integer inputs ``x_int`` (N, *input_shape) for ``total_steps`` steps on the
+        simulator's device, under :func:`~.device.exact_kernels`; the result is on the CPU.
 
         ``x_int`` may be any integer dtype or a float tensor of integral values.
         """
+        with exact_kernels(self.device):
+            return self._run(x_int, cfg)
+
+    def _run(self, x_int: torch.Tensor, cfg: RunConfig) -> RunResult:
+        """:meth:`run` inside the device's exact settings."""
         graph = self.graph
         check_integer_input(graph, x_int, "integer simulator")
+        self.synapses.start_run()
         n = int(x_int.shape[0])
         steps = total_steps(graph, cfg)
         if cfg.record:
             check_recording_memory(graph, cfg, n)
         events = graph_events(graph, cfg)
         x_abs = float(x_int.abs().max()) if x_int.numel() else 0.0
-        float32_ok = float32_kernels_exact()  # PyTorch's precision settings, read per run
+        # PyTorch's precision settings, read per run (inside exact_kernels)
+        plan = DevicePlan.for_device(self.device, PrecisionFlags.read())
         sources: dict[str, Source] = {
-            graph.input.name: Source(channels_last(x_int.to(torch.int64)), x_abs)}
+            graph.input.name: Source(channels_last(x_int.to(self.device, torch.int64)), x_abs)}
         pending = dict(self._consumers)
         spikes: dict[str, torch.Tensor] = {}
         spike_counts: dict[str, torch.Tensor] = {}
@@ -120,7 +143,7 @@ class Simulator:
             projs = graph.incoming(name)
             bounds = [(max_abs_output(p, sources[p.src].max_abs), p.weight_exp)
                       for p in projs]
-            sum_dtype = sum_dtype_for(name, bounds, float32_ok)
+            sum_dtype = sum_dtype_for(name, bounds, plan.float32_exact, plan.float64_exact)
             parts: list[Part] = []
             # elementwise (identity) shortcuts last: they can be added in place into a
             # conv's sums
@@ -133,8 +156,7 @@ class Simulator:
                             None)
                 src_shape = graph.layer(p.src).shape
                 if rows > 0 and same is not None and self.synapses.adds_in_place(p, src):
-                    w = self.synapses.weight(p, sum_dtype, src_shape)
-                    same.sums.addcmul_(src.get(sum_dtype)[:rows], w)  # exact: layer bound
+                    self.synapses.add_into(same.sums, p, src, src_shape, rows)
                 elif rows > 0:
                     sums = self.synapses.project(p, src, src_shape, sum_dtype, rows)
                     parts.append(Part(sums, delay, constant))
@@ -152,7 +174,7 @@ class Simulator:
                                       else count_spikes(out, n, slice(0, steps)))
                 if cfg.record:
                     spikes[name] = out.view(steps, n, *layer.shape).to(
-                        torch.bool, memory_format=torch.contiguous_format)
+                        torch.bool, memory_format=torch.contiguous_format).cpu()
                 sources[name] = Source(out, 1.0)
             elif isinstance(layer, ReadoutLayer):
                 readout_v, overflow = scan_readout(layer, parts, arith, steps, n, ev,
@@ -162,10 +184,18 @@ class Simulator:
             wrapped[name], saturated[name] = overflow.wrapped, overflow.saturated
         if readout_v is None:  # pragma: no cover - IFGraph validates its readout
             raise GraphError("the graph has no readout layer")
-        return make_run_result(graph, cfg, steps, readout_v, spike_counts, window_counts,
-                               spikes=spikes,
-                               masks={k: v.contiguous() for k, v in masks.items()},
-                               wrapped=wrapped, saturated=saturated)
+        return make_run_result(graph, cfg, steps, readout_v.cpu(), _on_cpu(spike_counts),
+                               _on_cpu(window_counts), spikes=spikes,
+                               masks=_on_cpu({k: v.contiguous() for k, v in masks.items()}),
+                               wrapped=wrapped, saturated=saturated,
+                               kernels={k: c.to_json()
+                                        for k, c in self.synapses.run_choices.items()})
+
+    @property
+    def kernel_choice(self) -> dict[str, KernelChoice]:
+        """Per projection, the kernel of the latest run (``"float32"``, ``"float64"``
+        or ``"int8"``) and the milliseconds measured per candidate (:mod:`.kernels`)."""
+        return dict(self.synapses.run_choices)
 
     def _arithmetic(self, layer: IFLayer | ReadoutLayer, parts: list[Part],
                     static_bound: float, sum_dtype: torch.dtype, steps: int
@@ -176,6 +206,11 @@ class Simulator:
         arith = LayerArithmetic.derive(static_bound, sum_dtype, self.profile, *consts, steps)
         return LayerArithmetic.tightened(arith, [pt.sums for pt in parts], self.profile,
                                          *consts, steps)
+
+
+def _on_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` moved to the CPU (unchanged when they are there)."""
+    return {k: v.cpu() for k, v in tensors.items()}
 
 
 def simulate(graph: IFGraph, x_int: torch.Tensor, cfg: RunConfig,

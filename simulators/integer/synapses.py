@@ -21,6 +21,7 @@ Each projection kind registers one :class:`KindKernels` in :data:`KERNELS_BY_KIN
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
@@ -34,9 +35,16 @@ from csqcfs_deploy.ir.kinds import KindTable
 from csqcfs_deploy.ir.profiles import Profile
 from csqcfs_deploy.ir.synapses import sum_pool
 from csqcfs_deploy.simulators.integer.arithmetic import INT32_MAX
+from csqcfs_deploy.simulators.integer.device import int8_projection_ok
+from csqcfs_deploy.simulators.integer.kernels import Candidate, KernelChoice, KernelChooser, Timer
 
 SynapseKernel = Literal["auto", "float", "int8"]
 KERNELS: tuple[str, ...] = ("auto", "float", "int8")
+
+#: kernel names (:data:`~.kernels.CANDIDATE_ORDER`) -> the dtype of their weights and inputs
+_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64,
+                                   "int8": torch.int8}
+_DTYPE_NAMES: dict[torch.dtype, str] = {torch.float32: "float32", torch.float64: "float64"}
 
 P = TypeVar("P")
 Layout = Callable[[P, torch.Tensor, tuple[int, ...], torch.dtype], torch.Tensor]
@@ -177,14 +185,31 @@ class Source:
 class Synapses:
     """The synaptic kernels of one graph's projections, weights laid out once per dtype.
 
-    ``kernel``: ``"auto"``/``"float"`` use the float kernels; ``"int8"`` uses the
-    int8 kernel wherever :meth:`int8_ok` proves it exact.
+    ``kernel``: ``"auto"`` times the exact candidates of each projection the first
+    time it is computed for a given number of rows and sum dtype, and keeps the
+    fastest (:mod:`.kernels`: what is measured and when; ``timer`` is its clock):
+    float32 (when the layer's sums are float32), float64, and int8 where
+    :meth:`int8_exact` proves it exact; an elementwise (identity) projection is
+    not measured (its sum dtype). ``"float"``: the float kernels in the layer's
+    sum dtype; ``"int8"``: the int8 kernel wherever :meth:`int8_exact` proves it
+    exact, the float kernels elsewhere. :attr:`run_choices`: per projection, the
+    :class:`~.kernels.KernelChoice` of the latest run (:meth:`start_run` clears it).
     """
 
-    def __init__(self, profile: Profile, kernel: SynapseKernel) -> None:
+    def __init__(self, profile: Profile, kernel: SynapseKernel,
+                 device: torch.device | None = None,
+                 timer: Timer = time.perf_counter) -> None:
         self.profile = profile
         self.kernel = kernel
+        self.device = torch.device("cpu") if device is None else device  # of the weights
+        self.chooser = KernelChooser(timer)
+        self.run_choices: dict[str, KernelChoice] = {}
         self._weights: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._int8_fan: dict[str, float | None] = {}
+
+    def start_run(self) -> None:
+        """Forget the latest run's choices (not the measurements)."""
+        self.run_choices = {}
 
     @staticmethod
     def elementwise(p: ProjectionT) -> bool:
@@ -196,55 +221,128 @@ class Synapses:
         """The weight of ``p`` laid out for its kernel in ``dtype`` (int8: mantissas)."""
         key = (p.name, dtype)
         if key not in self._weights:
-            w = torch.tensor(np.asarray(p.weight), dtype=torch.int64)
+            w = torch.tensor(np.asarray(p.weight), dtype=torch.int64, device=self.device)
             if dtype == torch.int8:
                 w = w // self.profile.weight_step
             layout = KERNELS_BY_KIND.lookup(p).layout
             self._weights[key] = layout(p, w, p.pooled_shape(src_shape), dtype)
         return self._weights[key]
 
-    def int8_ok(self, p: ProjectionT, max_src: float) -> bool:
-        """The int8 kernel is asked for, exists for ``p``'s kind and is exact for ``p``:
-        int8 mantissas, int8 (pooled) source values, int32 sums."""
-        kinds = KERNELS_BY_KIND.lookup(p)
-        if self.kernel != "int8" or kinds.int8_sums is None or not kinds.int8_applies(p):
-            return False
+    def _mantissa_fan(self, p: ProjectionT) -> float | None:
+        """The largest row sum of ``|W / weight_step|`` of ``p`` when its mantissas fit
+        int8 and its kind has an int8 kernel that applies, else None (cached)."""
+        if p.name not in self._int8_fan:
+            kinds = KERNELS_BY_KIND.lookup(p)
+            fan: float | None = None
+            if kinds.int8_sums is not None and kinds.int8_applies(p):
+                w = np.asarray(p.weight) // self.profile.weight_step
+                if w.size and w.min() >= -128 and w.max() <= 127:
+                    fan = float(np.abs(w).reshape(w.shape[0], -1).sum(axis=1).max())
+            self._int8_fan[p.name] = fan
+        return self._int8_fan[p.name]
+
+    def int8_exact(self, p: ProjectionT, max_src: float) -> bool:
+        """The int8 kernel exists for ``p``'s kind and is exact for ``p``: int8
+        mantissas, int8 (pooled) integer source values, int32 sums."""
+        fan = self._mantissa_fan(p)
         window = 1 if p.pool is None else p.pool.window
-        w = np.asarray(p.weight) // self.profile.weight_step
-        if w.size == 0 or w.min() < -128 or w.max() > 127:
+        if fan is None or max_src * window > 127 or not float(max_src).is_integer():
             return False
-        if max_src * window > 127 or not float(max_src).is_integer():
-            return False
-        fan = float(np.abs(w).reshape(w.shape[0], -1).sum(axis=1).max())
         return fan * window * max_src * self.profile.weight_step <= INT32_MAX
 
+    def int8_ok(self, p: ProjectionT, max_src: float) -> bool:
+        """The int8 kernel is asked for (``kernel="int8"``) and exact for ``p``."""
+        return self.kernel == "int8" and self.int8_exact(p, max_src)
+
     def adds_in_place(self, p: ProjectionT, src: Source) -> bool:
-        """An unpooled, unshifted elementwise projection on the float kernels: its sums
-        can be added straight into another projection's sums (``addcmul_``: one pass)."""
-        return (self.elementwise(p) and p.pool is None and p.weight_exp == 0
-                and not self.int8_ok(p, src.max_abs))
+        """An unpooled, unshifted elementwise projection (always on the float kernel in
+        the sum dtype): its sums can be added straight into another projection's sums
+        (:meth:`add_into`: ``addcmul_``, one pass)."""
+        return self.elementwise(p) and p.pool is None and p.weight_exp == 0
+
+    def add_into(self, sums: torch.Tensor, p: ProjectionT, src: Source,
+                 src_shape: tuple[int, ...], rows: int) -> None:
+        """Add the sums of :meth:`adds_in_place` projection ``p`` (first ``rows`` rows)
+        into ``sums`` in place, in ``sums``' dtype (exact: the layer's bound)."""
+        w = self.weight(p, sums.dtype, src_shape)
+        sums.addcmul_(src.get(sums.dtype)[:rows], w)
+        self.run_choices[p.name] = KernelChoice(_DTYPE_NAMES[sums.dtype])
+
+    def candidate_names(self, p: ProjectionT, src: Source, src_shape: tuple[int, ...],
+                        sum_dtype: torch.dtype, rows: int) -> tuple[str, ...]:
+        """The exact kernels :attr:`kernel` allows for ``p`` on this source, in
+        :data:`~.kernels.CANDIDATE_ORDER` (class docstring)."""
+        native = _DTYPE_NAMES[sum_dtype]
+        if self.kernel == "float" or self.elementwise(p):
+            return (native,)
+        int8 = (self.int8_exact(p, src.max_abs)
+                and int8_projection_ok(self.device, p, rows, src_shape))  # CUDA shape rule
+        if self.kernel == "int8":
+            return ("int8",) if int8 else (native,)
+        floats = ("float32", "float64") if sum_dtype == torch.float32 else (native,)
+        return (*floats, "int8") if int8 else floats
+
+    def candidate(self, name: str, p: ProjectionT, src: Source, src_shape: tuple[int, ...],
+                  sum_dtype: torch.dtype) -> Candidate:
+        """Kernel ``name`` of ``p`` with its weight and source values prepared now (so
+        that a measurement times the kernel only)."""
+        kinds = KERNELS_BY_KIND.lookup(p)
+        dtype = _DTYPES[name]
+        values, w = src.get(dtype), self.weight(p, dtype, src_shape)
+        if name != "int8":
+            def float_sums(rows: int) -> torch.Tensor:
+                out = kinds.float_sums(p, self.pool(p, values[:rows]), w)
+                return self._finish(p, out, sum_dtype, 1)
+            return Candidate(name, float_sums)
+        int8_sums = kinds.int8_sums
+        assert int8_sums is not None  # candidate_names offers int8 only with a kernel
+
+        def sums_int8(rows: int) -> torch.Tensor:
+            x = values[:rows]
+            if p.pool is not None:  # window sums of int8 values <= 127: exact in float32
+                x = self.pool(p, x.to(torch.float32)).to(torch.int8)
+            return self._finish(p, int8_sums(p, x, w), sum_dtype, self.profile.weight_step)
+
+        return Candidate(name, sums_int8,
+                         lambda rows: int8_projection_ok(self.device, p, rows, src_shape))
+
+    @staticmethod
+    def _finish(p: ProjectionT, out: torch.Tensor, sum_dtype: torch.dtype, step: int
+                ) -> torch.Tensor:
+        """Kernel sums ``out`` (float32/float64, or int32 mantissa sums) as exact integers
+        in ``sum_dtype``, times ``step`` (the weight step of mantissa sums, else 1) and
+        shifted by ``weight_exp`` (floored): one conversion and one multiply, exact
+        because every product is an integer (or, before the floor, an integer times a
+        power of two) below the layer's bound."""
+        if out.dtype != sum_dtype:
+            out = out.to(sum_dtype)
+        factor = step * 2.0**p.weight_exp
+        if p.weight_exp < 0:
+            return torch.floor(out.mul_(factor))
+        return out.mul_(factor) if factor != 1 else out
 
     def project(self, p: ProjectionT, src: Source, src_shape: tuple[int, ...],
                 sum_dtype: torch.dtype, rows: int) -> torch.Tensor:
         """``shift(W (*) pool(x), weight_exp)`` for the first ``rows`` rows of the source,
-        as exact integers in ``sum_dtype`` (float32/float64)."""
-        kinds = KERNELS_BY_KIND.lookup(p)
-        if kinds.int8_sums is not None and self.int8_ok(p, src.max_abs):
-            x = src.get(torch.int8)[:rows]
-            if p.pool is not None:  # window sums of int8 values <= 127: exact in float32
-                x = self.pool(p, x.to(torch.float32)).to(torch.int8)
-            out = kinds.int8_sums(p, x, self.weight(p, torch.int8, src_shape))
-            if self.profile.weight_step != 1:
-                out = out * self.profile.weight_step
-            out = out.to(sum_dtype)
-        else:
-            x = self.pool(p, src.get(sum_dtype)[:rows])
-            out = kinds.float_sums(p, x, self.weight(p, sum_dtype, src_shape))
-        if p.weight_exp > 0:
-            out.mul_(2.0**p.weight_exp)
-        elif p.weight_exp < 0:
-            out = torch.floor(out.div_(2.0**-p.weight_exp))
+        as exact integers in ``sum_dtype`` (float32/float64), by the kernel chosen for
+        (``p``, ``rows``, ``sum_dtype``) -- measured now if that is new (:mod:`.kernels`)."""
+        names = self.candidate_names(p, src, src_shape, sum_dtype, rows)
+        key = (p.name, rows, sum_dtype, names)
+        new = key not in self.chooser.choices
+        out, choice = self.chooser.sums(
+            key, rows, names, lambda name: self.candidate(name, p, src, src_shape, sum_dtype))
+        self.run_choices[p.name] = choice
+        if new and choice.measured:
+            self._evict_unchosen(p)
         return out
+
+    def _evict_unchosen(self, p: ProjectionT) -> None:
+        """Drop the weight layouts of ``p`` that no choice of ``p`` uses (the losers of a
+        measurement), so measuring costs no memory after it."""
+        used = {_DTYPES[c.chosen] for k, c in self.chooser.choices.items() if k[0] == p.name}
+        for dtype in _DTYPES.values():
+            if dtype not in used:
+                self._weights.pop((p.name, dtype), None)
 
     @staticmethod
     def pool(p: ProjectionT, x: torch.Tensor) -> torch.Tensor:

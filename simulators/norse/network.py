@@ -11,7 +11,6 @@ several projections into one layer.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
@@ -24,6 +23,7 @@ from csqcfs_deploy.ir.neuron import LayerEvents, graph_events
 from csqcfs_deploy.ir.profiles import get_profile
 from csqcfs_deploy.ir.schedule import RunConfig
 from csqcfs_deploy.run.results import check_integer_input
+from csqcfs_deploy.simulators.devices import ieee_float32
 from csqcfs_deploy.simulators.norse.bounds import (
     LayerBound,
     check_exact,
@@ -45,33 +45,6 @@ class NetworkState(NamedTuple):
 
     t: int
     layers: tuple[IFNeuronState | ReadoutState, ...]
-
-
-@contextlib.contextmanager
-def ieee_float32(device: torch.device) -> Iterator[None]:
-    """On CUDA, switch TF32 off for cuDNN convolutions and cuBLAS matmuls; restored after.
-
-    TF32 keeps 10 mantissa bits, so float32 sums of integers would round.
-    """
-    if device.type != "cuda":
-        yield
-        return
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    matmul = torch.backends.cuda.matmul
-    if conv is None or not hasattr(conv, "fp32_precision"):  # torch < 2.9: the legacy flags
-        saved_legacy = (torch.backends.cudnn.allow_tf32, matmul.allow_tf32)
-        torch.backends.cudnn.allow_tf32 = matmul.allow_tf32 = False
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = saved_legacy
-        return
-    saved = (conv.fp32_precision, matmul.fp32_precision)
-    conv.fp32_precision = matmul.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        conv.fp32_precision, matmul.fp32_precision = saved
 
 
 def _key(name: str) -> str:

@@ -14,33 +14,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from csqcfs_deploy.errors import BackendUnavailable, UsageError
+from csqcfs_deploy.errors import UsageError
 from csqcfs_deploy.ir import IFGraph
 from csqcfs_deploy.ir.neuron import LayerEvents, exact_float_bound, graph_events
 from csqcfs_deploy.ir.schedule import RunConfig, total_steps
 from csqcfs_deploy.run.backends import BackendOptions
 from csqcfs_deploy.run.results import RunResult, make_run_result
+from csqcfs_deploy.simulators import devices
 from csqcfs_deploy.simulators.norse.bounds import dtype_name
 from csqcfs_deploy.simulators.norse.network import NetworkState, NorseIFNetwork, to_norse
 
 
 def resolve_device(name: str) -> torch.device:
-    """``cpu`` or ``cuda[:i]``; BackendUnavailable when CUDA is asked for and absent."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"unknown device {name!r} (the norse back end runs on cpu or cuda)"
-                         ) from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise BackendUnavailable(f"--device {name}: no CUDA GPU is available to torch "
-                                     "(torch.cuda.is_available() is False); use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise BackendUnavailable(f"--device {name}: only {torch.cuda.device_count()} "
-                                     "CUDA device(s)")
-    elif device.type != "cpu":
-        raise UsageError(f"device {name!r}: the norse back end runs on cpu or cuda")
-    return device
+    """``cpu`` or ``cuda[:i]``; BackendUnavailable when CUDA is asked for and absent
+    (:func:`csqcfs_deploy.simulators.devices.resolve_device`)."""
+    return devices.resolve_device(name, "norse")
 
 
 @dataclass

@@ -62,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add_run_args(p)
     p.add_argument("--schedule", choices=SCHEDULES, default=None,
                    help="default: the back end's own (int: synchronous, lava: pipelined)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (norse)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (norse, int)")
     add_scale_args(p)
     add_gate_args(p)
     add_parallel_args(p)
@@ -97,13 +97,17 @@ class RunReport:
     fidelity: Fidelity | None = None
 
     def to_json(self) -> dict[str, object]:
-        """The fidelity, the summary's JSON, dataset, profile, batch_size, recording bytes
-        and the fold check (None when the model was not folded here)."""
+        """The fidelity, the summary's JSON, dataset, profile, batch_size, recording bytes,
+        the fold check (None when the model was not folded here) and ``kernels``: the int
+        back end's kernel per projection in the first batch, ``{"chosen", "ms", "rows"}``
+        (:class:`~csqcfs_deploy.simulators.integer.kernels.KernelChoice`; None for
+        other back ends)."""
         return {"fidelity": None if self.fidelity is None else self.fidelity.to_json(),
                 **self.summary.to_json(), "dataset": self.dataset, "profile": self.profile,
                 "batch_size": self.batch_size,
                 "recording_bytes_per_batch": self.recording_bytes_per_batch,
-                "fold_check": fold_check_json(self.fold_check)}
+                "fold_check": fold_check_json(self.fold_check),
+                "kernels": self.summary.kernels}
 
 
 def fold_check_json(check: FoldCheck | None) -> dict[str, object] | None:
@@ -175,7 +179,18 @@ def print_run(report: RunReport, backend: str, neurons: int) -> None:
         ["backend", "samples", "accuracy %", "latency steps", "firing rate", "samples/s"],
         [(backend, summary.samples, 100 * summary.accuracy, latency,
           summary.firing_rate, summary.throughput)]))
+    if summary.kernels:
+        con.print(kernels_line(summary.kernels))
     con.print(f"recording every spike of every layer (as verify does) would need "
               f"{format_bytes(report.recording_bytes_per_batch)} per batch of {batch} "
               f"({summary.latency_steps} steps x {neurons} neurons x {batch} samples, "
               "one byte each)")
+
+
+def kernels_line(kernels: dict[str, dict[str, object]]) -> str:
+    """E.g. ``kernels: float32 x15, float64 x0, int8 x0 (measured)``: how many projections
+    ran on each kernel in the first batch, and whether any choice was measured."""
+    chosen = [str(k["chosen"]) for k in kernels.values()]
+    counts = ", ".join(f"{name} x{chosen.count(name)}" for name in ("float32", "float64", "int8"))
+    measured = any(len(k.get("ms") or {}) > 1 for k in kernels.values())  # type: ignore[arg-type]
+    return f"kernels: {counts} ({'measured' if measured else 'one candidate each'})"

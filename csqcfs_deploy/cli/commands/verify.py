@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--backends", default="int,lava,norse",
                    help="comma-separated back ends (default int,lava,norse)")
     add_run_args(p)
-    p.add_argument("--device", default="cpu", help="device for norse (cpu or cuda)")
+    p.add_argument("--device", default="cpu", help="device for norse and int (cpu or cuda[:i])")
     add_scale_args(p)
     add_gate_args(p)
     add_parallel_args(p)
